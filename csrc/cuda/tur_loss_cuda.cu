@@ -1,0 +1,262 @@
+// CUDA kernels of tur::task_uncertainty_loss (DESIGN.md §2), framework-free: raw pointers and the CUDA
+// runtime only, so that this file compiles with nvcc on machines whose torch has no CUDA headers.
+//
+// Five launches on one stream, no host synchronisation and no float atomics:
+//   group     (1 thread)        batch grouped by task: counts, offsets, sample order
+//   pass A    (grid over Q)     U_k(q) = mean of the task's maps + eps, per-block sums of U_k
+//   coeffs    (1 warp)          m_k and the per-task gradient constants
+//   pass B    (grid over Q)     E_k(q), grad_pred, grad_uncertainty, per-block sums of E_k/U_k and E_k
+//   finalize  (1 warp)          K-long outputs and the loss
+// Block sums use a fixed reduction tree and are combined in block order, so results are bitwise repeatable
+// for a given device (the grid size depends only on the device's SM count).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/tur_loss_cuda.h"
+#include "tur_loss_math.h"
+
+namespace tur::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(float x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(double x) { return x; }
+
+// Sum over the block, valid in thread 0. Fixed tree: warp shuffles, then the first warp over warp sums.
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? smem[lane] : 0.0;
+  if (warp == 0) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  __syncthreads();  // smem is reused by the next call
+  return v;
+}
+
+struct Workspace {
+  int64_t* offsets;  // K + 1
+  int64_t* order;    // B
+  int64_t* meta;     // [0] ids out of range, [1] tasks present
+  double* usum;      // K
+  double* loss_k;    // K
+  double* usum_part; // blocks x K
+  double* wsum_part; // blocks x K
+  double* esum_part; // blocks x K
+  void* coeffs;      // K x TaskCoeffs<acc_t>
+  void* task_unc;    // K x Q acc_t
+};
+
+size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+int grid_blocks(const LossLaunch& a) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device) != cudaSuccess || sms <= 0) sms = 80;
+  const int64_t needed = (a.Q + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
+  return static_cast<int>(needed < cap ? (needed > 0 ? needed : 1) : cap);
+}
+
+size_t acc_size(DType d) { return d == DType::kFloat64 ? sizeof(double) : sizeof(float); }
+
+// Lays the workspace out; with base == nullptr it only measures.
+size_t carve(const LossLaunch& a, int blocks, char* base, Workspace* ws) {
+  const size_t K = static_cast<size_t>(a.K), B = static_cast<size_t>(a.B), Q = static_cast<size_t>(a.Q);
+  const size_t acc = acc_size(a.dtype);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* p = base ? base + off : nullptr;
+    off += align_up(bytes);
+    return static_cast<void*>(p);
+  };
+  Workspace w;
+  w.offsets = static_cast<int64_t*>(take((K + 1) * sizeof(int64_t)));
+  w.order = static_cast<int64_t*>(take(B * sizeof(int64_t)));
+  w.meta = static_cast<int64_t*>(take(2 * sizeof(int64_t)));
+  w.usum = static_cast<double*>(take(K * sizeof(double)));
+  w.loss_k = static_cast<double*>(take(K * sizeof(double)));
+  w.usum_part = static_cast<double*>(take(blocks * K * sizeof(double)));
+  w.wsum_part = static_cast<double*>(take(blocks * K * sizeof(double)));
+  w.esum_part = static_cast<double*>(take(blocks * K * sizeof(double)));
+  w.coeffs = take(K * 3 * acc);
+  w.task_unc = take(K * Q * acc);
+  if (ws) *ws = w;
+  return off;
+}
+
+__global__ void group_kernel(const int64_t* ids, int64_t B, int64_t K, int64_t* counts, Workspace w) {
+  w.meta[0] = group_by_task(ids, B, K, counts, w.offsets, w.order);
+  w.meta[1] = count_present(counts, K);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) task_unc_kernel(const scalar_t* __restrict__ unc,
+                                                            const int64_t* __restrict__ counts, Workspace w,
+                                                            int64_t Q, int64_t K, acc_t eps) {
+  __shared__ double smem[kThreads / 32];
+  acc_t* U = static_cast<acc_t*>(w.task_unc);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t n = counts[k];
+    double s = 0.0;
+    if (n > 0) {
+      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+      const int64_t j0 = w.offsets[k], j1 = w.offsets[k + 1];
+      for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < Q; q += stride) {
+        acc_t a = acc_t(0);
+        for (int64_t j = j0; j < j1; ++j) a += to_acc(unc[w.order[j] * Q + q]);
+        a = a * inv_n + eps;
+        U[k * Q + q] = a;
+        s += static_cast<double>(a);
+      }
+    }
+    s = block_sum(s, smem);  // n is the same for the whole block, so every thread gets here
+    if (threadIdx.x == 0) w.usum_part[blockIdx.x * K + k] = s;
+  }
+}
+
+template <typename acc_t>
+__global__ void coeffs_kernel(const int64_t* counts, Workspace w, int blocks, int64_t G, int64_t Q, int64_t K,
+                              double reg_weight, double scale_pred, double scale_unc) {
+  TaskCoeffs<acc_t>* coeffs = static_cast<TaskCoeffs<acc_t>*>(w.coeffs);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    double s = 0.0;
+    for (int b = 0; b < blocks; ++b) s += w.usum_part[b * K + k];
+    w.usum[k] = s;
+    if (counts[k] > 0) coeffs[k] = task_coeffs<acc_t>(counts[k], w.meta[1], G, Q, s, reg_weight, scale_pred, scale_unc);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) error_grad_kernel(const scalar_t* __restrict__ pred,
+                                                              const scalar_t* __restrict__ target,
+                                                              const int64_t* __restrict__ counts, Workspace w,
+                                                              int64_t G, int64_t Q, int64_t K,
+                                                              scalar_t* __restrict__ grad_pred,
+                                                              scalar_t* __restrict__ grad_unc) {
+  __shared__ double smem[kThreads / 32];
+  const acc_t* U = static_cast<const acc_t*>(w.task_unc);
+  const TaskCoeffs<acc_t>* coeffs = static_cast<const TaskCoeffs<acc_t>*>(w.coeffs);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = 0; k < K; ++k) {
+    double ws = 0.0, es = 0.0;
+    if (counts[k] > 0) {
+      const TaskCoeffs<acc_t> c = coeffs[k];
+      const int64_t j0 = w.offsets[k], j1 = w.offsets[k + 1];
+      for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < Q; q += stride) {
+        const acc_t u = U[k * Q + q];
+        const acc_t r = c.grad_pred_scale / u;
+        acc_t e = acc_t(0);
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t base = w.order[j] * G * Q + q;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t idx = base + g * Q;
+            const acc_t d = to_acc(pred[idx]) - to_acc(target[idx]);
+            e += d < acc_t(0) ? -d : d;
+            if (grad_pred) grad_pred[idx] = from_acc<scalar_t>(sign_of(d) * r);
+          }
+        }
+        ws += static_cast<double>(e / u);
+        es += static_cast<double>(e);
+        if (grad_unc) {
+          const scalar_t v = from_acc<scalar_t>(c.grad_u_err * e / (u * u) + c.grad_u_reg);
+          for (int64_t j = j0; j < j1; ++j) grad_unc[w.order[j] * Q + q] = v;
+        }
+      }
+    }
+    ws = block_sum(ws, smem);
+    es = block_sum(es, smem);
+    if (threadIdx.x == 0) {
+      w.wsum_part[blockIdx.x * K + k] = ws;
+      w.esum_part[blockIdx.x * K + k] = es;
+    }
+  }
+}
+
+template <typename out_t>
+__global__ void finalize_kernel(const int64_t* counts, Workspace w, int blocks, int64_t G, int64_t Q, int64_t K,
+                                double reg_weight, out_t* loss, out_t* per_task_loss, out_t* per_task_l1,
+                                out_t* per_task_wl1, out_t* per_task_reg) {
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    double ws = 0.0, es = 0.0;
+    for (int b = 0; b < blocks; ++b) {
+      ws += w.wsum_part[b * K + k];
+      es += w.esum_part[b * K + k];
+    }
+    w.loss_k[k] = task_outputs<out_t>(counts[k], G, Q, w.usum[k], ws, es, reg_weight, per_task_loss + k,
+                                      per_task_l1 + k, per_task_wl1 + k, per_task_reg + k);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int64_t k = 0; k < K; ++k) total += w.loss_k[k];
+    // Ids outside [0, K) were left out of every task; report them as a NaN loss rather than a silent value.
+    *loss = static_cast<out_t>(w.meta[0] == 0 ? total / static_cast<double>(w.meta[1]) : nan(""));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+const char* launch_typed(const LossLaunch& a, cudaStream_t stream) {
+  const int blocks = grid_blocks(a);
+  Workspace w;
+  carve(a, blocks, static_cast<char*>(a.workspace), &w);
+  const auto* pred = static_cast<const scalar_t*>(a.pred);
+  const auto* target = static_cast<const scalar_t*>(a.target);
+  const auto* unc = static_cast<const scalar_t*>(a.uncertainty);
+  auto* gp = static_cast<scalar_t*>(a.grad_pred);
+  auto* gu = static_cast<scalar_t*>(a.grad_uncertainty);
+  group_kernel<<<1, 1, 0, stream>>>(a.task_ids, a.B, a.K, a.counts, w);
+  task_unc_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(unc, a.counts, w, a.Q, a.K,
+                                                                    static_cast<acc_t>(a.eps));
+  coeffs_kernel<acc_t><<<1, 32, 0, stream>>>(a.counts, w, blocks, a.G, a.Q, a.K, a.reg_weight,
+                                               a.grad_scale_pred, a.grad_scale_unc);
+  error_grad_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(pred, target, a.counts, w, a.G, a.Q, a.K, gp,
+                                                                      gu);
+  finalize_kernel<acc_t><<<1, 32, 0, stream>>>(
+      a.counts, w, blocks, a.G, a.Q, a.K, a.reg_weight, static_cast<acc_t*>(a.loss),
+      static_cast<acc_t*>(a.per_task_loss), static_cast<acc_t*>(a.per_task_l1), static_cast<acc_t*>(a.per_task_wl1),
+      static_cast<acc_t*>(a.per_task_reg));
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+size_t workspace_bytes(const LossLaunch& args) { return carve(args, grid_blocks(args), nullptr, nullptr); }
+
+const char* launch_loss(const LossLaunch& args, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case DType::kFloat32:
+      return launch_typed<float, float>(args, s);
+    case DType::kFloat64:
+      return launch_typed<double, double>(args, s);
+    case DType::kFloat16:
+      return launch_typed<__half, float>(args, s);
+    case DType::kBFloat16:
+      return launch_typed<__nv_bfloat16, float>(args, s);
+  }
+  return "unsupported dtype";
+}
+
+}  // namespace tur::cuda

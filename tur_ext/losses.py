@@ -1,0 +1,92 @@
+"""The TUR loss: the functional form and the ``nn.Module`` that training code uses."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .loss_common import TaskIds, TURLossOutput, as_task_ids, check_finite as _check_finite, validate
+from .tasks import TaskSet
+
+
+def task_uncertainty_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    uncertainty: torch.Tensor,
+    task_ids: TaskIds,
+    num_tasks: int,
+    *,
+    eps: float = 1e-6,
+    reg_weight: float = 2.0,
+    check_finite: bool = True,
+) -> TURLossOutput:
+    """Task Uncertainty Regularization loss (DESIGN.md §1), fused forward+backward.
+
+    ``pred``/``target``: (B, C, *S); ``uncertainty``: (B, 1 or C, *S), positive; ``task_ids``: (B,) ints in
+    [0, num_tasks). Returns :class:`TURLossOutput`; only ``loss`` is differentiable. With ``check_finite`` a
+    non-finite task loss raises FloatingPointError naming the task (one host sync; none when False).
+    """
+    if ops.backend() == "reference":
+        return reference.task_uncertainty_loss(
+            pred, target, uncertainty, task_ids, num_tasks, eps=eps, reg_weight=reg_weight, check_finite=check_finite
+        )
+    compiling = torch.compiler.is_compiling()
+    ids = as_task_ids(task_ids, pred.device)
+    if not compiling:
+        # Reading ids on the host is free for CPU ids (what loaders yield); device ids are checked by the op.
+        validate(pred, target, uncertainty, ids, num_tasks, eps, reg_weight, check_id_range=ids.device.type == "cpu")
+        if ids.device != pred.device:
+            ids = ids.to(pred.device, non_blocking=True)
+    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad or uncertainty.requires_grad)
+    loss, per_task, l1, wl1, reg, counts, _, _ = torch.ops.tur.task_uncertainty_loss(
+        pred, target, uncertainty, ids, num_tasks, float(eps), float(reg_weight), need_grad
+    )
+    out = TURLossOutput(loss, per_task.detach(), l1.detach(), wl1.detach(), reg.detach(), counts)
+    if check_finite and not compiling:
+        _check_finite(out)
+    return out
+
+
+class TaskUncertaintyLoss(nn.Module):
+    """TUR loss over a fixed task set. ``tasks``: task names (or a task-set name such as "3task"), or an int K.
+
+    ``forward(pred, target, uncertainty, task_ids)`` takes ids (tensor or ints) or task names (a list of str, as a
+    data loader yields them) and returns :class:`TURLossOutput`.
+    """
+
+    def __init__(
+        self,
+        tasks: Union[int, str, Sequence[str], TaskSet],
+        eps: float = 1e-6,
+        reg_weight: float = 2.0,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        self.tasks = TaskSet(tasks)
+        if not (eps >= 0.0 and eps < float("inf")):
+            raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
+        self.eps = float(eps)
+        self.reg_weight = float(reg_weight)
+        self.check_finite = check_finite
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        uncertainty: torch.Tensor,
+        task_ids: Union[TaskIds, Sequence[str]],
+    ) -> TURLossOutput:
+        if isinstance(task_ids, (list, tuple)) and task_ids and all(isinstance(t, str) for t in task_ids):
+            task_ids = self.tasks.ids(task_ids)
+        out = task_uncertainty_loss(
+            pred, target, uncertainty, task_ids, len(self.tasks), eps=self.eps, reg_weight=self.reg_weight,
+            check_finite=False,
+        )
+        if self.check_finite and not torch.compiler.is_compiling():
+            _check_finite(out, list(self.tasks))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}, eps={self.eps}, reg_weight={self.reg_weight}"

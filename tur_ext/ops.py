@@ -1,0 +1,134 @@
+"""Loads the compiled extension and registers what the C++ op needs from Python: its autograd formula and its
+fake (meta) kernel, so that ``torch.compile`` traces it without a graph break.
+
+``backend()`` is ``"compiled"`` when ``tur_ext._C`` loaded, else ``"reference"`` (the pure-PyTorch fallback; a
+warning says so once). With ``TUR_REQUIRE_COMPILED=1`` a missing extension is an ImportError instead.
+``python -m tur_ext.ops`` prints how the extension was built.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it registers torch.ops.tur.*)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _C = None
+    _IMPORT_ERROR = exc
+    if os.environ.get("TUR_REQUIRE_COMPILED") == "1":
+        raise ImportError(
+            "TUR_REQUIRE_COMPILED=1 but the compiled extension tur_ext._C could not be loaded "
+            f"({exc}); build it with `pip install --no-build-isolation -e .`"
+        ) from exc
+    warnings.warn(
+        f"tur_ext._C is not built ({exc}); using the pure-PyTorch reference loss, which is slower. "
+        "Build the extension with `pip install --no-build-isolation -e .`",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+OP_NAME = "tur::task_uncertainty_loss"
+
+
+def backend() -> str:
+    """``"compiled"`` when the C++/CUDA op is available, ``"reference"`` otherwise."""
+    return "reference" if _C is None else "compiled"
+
+
+def build_info() -> dict[str, Any]:
+    """What the compiled module was built with (CUDA and archs, OpenMP, threads, SIMD level, torch version)."""
+    if _C is None:
+        return {"backend": "reference", "error": str(_IMPORT_ERROR), "torch_runtime": torch.__version__}
+    info = dict(_C.build_info())
+    info["backend"] = "compiled"
+    info["torch_runtime"] = torch.__version__
+    return info
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_loss(pred, target, uncertainty, task_ids, num_tasks, eps, reg_weight, compute_grad):
+    stats = pred.new_empty((num_tasks,), dtype=_accumulate_dtype(pred.dtype))
+    if compute_grad:
+        grad_pred, grad_unc = torch.empty_like(pred), torch.empty_like(uncertainty)
+    else:
+        grad_pred, grad_unc = pred.new_empty((0,)), pred.new_empty((0,))
+    return (
+        pred.new_empty((), dtype=stats.dtype),
+        stats,
+        torch.empty_like(stats),
+        torch.empty_like(stats),
+        torch.empty_like(stats),
+        pred.new_empty((num_tasks,), dtype=torch.long),
+        grad_pred,
+        grad_unc,
+    )
+
+
+def fp16_grad_scale(elements: int) -> float:
+    """The power of two the op multiplies float16 gradients by (csrc/tur_loss_math.h, fp16_grad_scale): the
+    largest one <= ``elements`` (values per sample), which lifts gradients of order 1/elements out of float16's
+    subnormal range. The autograd formula divides it back out."""
+    return float(2 ** (max(int(elements), 1).bit_length() - 1))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    pred, _, uncertainty = inputs[:3]
+    ctx.compute_grad = inputs[7]
+    half = pred.dtype == torch.float16
+    ctx.scale_pred = fp16_grad_scale(pred[0].numel()) if half else 1.0
+    ctx.scale_unc = fp16_grad_scale(uncertainty[0].numel()) if half else 1.0
+    ctx.save_for_backward(output[6], output[7])
+
+
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, stored_scale: float) -> torch.Tensor:
+    if stored_scale != 1.0:
+        # float16: the factor grad_loss / stored_scale can be a float16 subnormal and the product grad * grad_loss
+        # can overflow, so the product is formed in float32 and rounded once.
+        return (grad.float() * (grad_loss.float() / stored_scale)).to(grad.dtype)
+    # The common case, loss.backward() on CPU, needs no extra pass over the gradient. Only for plain eager
+    # tensors: under tracing (fake/functional tensor subclasses) the value is not known.
+    if (
+        type(grad_loss) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and grad_loss.device.type == "cpu"
+        and grad_loss.item() == 1.0
+    ):
+        return grad
+    return grad * grad_loss
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "tur.task_uncertainty_loss does not support double backward (create_graph=True): its gradients are "
+            "computed by the fused forward kernel and are not themselves differentiable"
+        )
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "tur.task_uncertainty_loss was called with compute_grad=False, so it kept no gradients; call it "
+            "through tur_ext.task_uncertainty_loss, which asks for them when an input requires grad"
+        )
+    grad_pred, grad_unc = ctx.saved_tensors
+    grad_pred = _scale(grad_pred, grad_loss, ctx.scale_pred)
+    grad_target = -grad_pred if ctx.needs_input_grad[1] else None
+    grad_unc = _scale(grad_unc, grad_loss, ctx.scale_unc) if ctx.needs_input_grad[2] else None
+    return grad_pred, grad_target, grad_unc, None, None, None, None, None
+
+
+# Under `python -m tur_ext.ops` this file runs a second time as __main__; the package already registered.
+if _C is not None and __name__ != "__main__":
+    torch.library.register_fake(OP_NAME)(_fake_loss)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+if __name__ == "__main__":
+    for key, value in build_info().items():
+        print(f"{key:14s} {value}")
