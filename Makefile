@@ -1,0 +1,54 @@
+# tur_ext: the two commands are `make demo` and `make test`; everything else is for developers.
+SHELL := /bin/bash
+VENV ?= .venv
+PY ?= python3
+PYTHON := $(VENV)/bin/python
+# A system torch (a GPU box's CUDA build) is visible inside the venv, so it is used rather than replaced.
+VENV_FLAGS ?= --system-site-packages
+DEPS := numpy opencv-python-headless pybind11 ninja pytest pytest-benchmark PyYAML tqdm matplotlib \
+        scikit-image tensorboard setuptools wheel
+CSRC := $(shell find csrc -type f)
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90
+
+.PHONY: setup test bench cuda-check demo cpp-test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml $(CSRC)
+	test -x $(PYTHON) || $(PY) -m venv $(VENV_FLAGS) $(VENV)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -q $(DEPS)
+	# --no-build-isolation: compile against the torch installed above instead of downloading another one.
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	mkdir -p benchmarks/results
+	cd benchmarks && ../$(PYTHON) -m pytest -q bench_loss.py --benchmark-json=results/bench_loss_$(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
+	for f in benchmarks/results/bench_loss_*.json; do $(PYTHON) benchmarks/summarize.py $$f > $${f%.json}.md; cat $${f%.json}.md; done
+
+# Compiles every CUDA source for each architecture, objects only: catches CUDA errors on machines without a GPU.
+cuda-check:
+	@command -v $(NVCC) >/dev/null || { echo "cuda-check: nvcc not found (set NVCC=...)"; exit 1; }
+	mkdir -p build/cuda-check
+	set -e; for f in $$(find csrc -name '*.cu'); do for a in $(CUDA_ARCHS); do \
+	  echo "nvcc sm_$$a $$f"; \
+	  $(NVCC) -std=c++20 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f \
+	    -o build/cuda-check/$$(basename $$f .cu).sm_$$a.o; done; done
+
+demo: setup
+	$(PYTHON) -m tur_ext demo
+
+# The C++ library and its tests through CMake against the libtorch inside the torch wheel.
+cpp-test: setup
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
+
+clean:
+	rm -rf build $(VENV) tur_ext/_C*.so *.egg-info
