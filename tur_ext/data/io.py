@@ -1,0 +1,136 @@
+"""Image files in and out with OpenCV: float32 RGB HxWx3 in [0, 1] inside the package, whatever the file holds."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import cv2
+import numpy as np
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+#: File extensions the folder datasets treat as images (lower case).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read; ``path`` names it, ``reason`` says why."""
+
+    def __init__(self, path: PathLike, reason: Optional[str] = None):
+        if reason is None:
+            # Rebuilt from its message alone: unpickling, or a DataLoader re-raising a worker's error (its message
+            # wraps ours) - recover the path so callers can rely on the type and ``.path`` with any worker count.
+            msg = str(path)
+            m = re.search(r"cannot read image '(.*?)': (.*)", msg, re.S)
+            self.path = m.group(1) if m else None
+            self.reason = m.group(2).strip() if m else msg
+            super().__init__(msg)
+            return
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image '{self.path}': {reason}")
+
+
+def is_image_file(path: PathLike) -> bool:
+    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS`."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read an image file as float32 RGB, shape (H, W, 3), values in [0, 1].
+
+    8- and 16-bit files are scaled by their full range, gray images are repeated to three channels and an alpha
+    channel is dropped. Raises :class:`ImageReadError` (naming the path) for a missing, empty or undecodable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(path, "no such file")
+    try:
+        # Decoding from bytes (not cv2.imread) distinguishes "missing" from "undecodable" and accepts any path.
+        buf = np.fromfile(str(p), dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(path, str(e)) from e
+    if buf.size == 0:
+        raise ImageReadError(path, "empty file")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise ImageReadError(path, "not a decodable image")
+    return _to_float_rgb(img, path)
+
+
+def _to_float_rgb(img: np.ndarray, path: PathLike) -> np.ndarray:
+    if img.dtype == np.uint8:
+        out = img.astype(np.float32) / np.float32(255.0)
+    elif img.dtype == np.uint16:
+        out = img.astype(np.float32) / np.float32(65535.0)
+    elif img.dtype in (np.float32, np.float64):
+        out = np.clip(img.astype(np.float32), 0.0, 1.0)
+    else:
+        raise ImageReadError(path, f"unsupported pixel type {img.dtype}")
+    if out.ndim == 2:
+        out = out[:, :, None]
+    if out.ndim != 3:
+        raise ImageReadError(path, f"unsupported image shape {img.shape}")
+    c = out.shape[2]
+    if c in (1, 2):  # gray (+ alpha)
+        out = np.repeat(out[:, :, :1], 3, axis=2)
+    elif c in (3, 4):  # OpenCV order is BGR(A)
+        out = out[:, :, 2::-1]
+    else:
+        raise ImageReadError(path, f"unsupported channel count {c}")
+    return np.ascontiguousarray(out)
+
+
+def _to_file_pixels(img: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    if isinstance(img, torch.Tensor):
+        if img.dim() != 3:
+            raise ValueError(f"img: expected a (C, H, W) tensor, got shape {tuple(img.shape)}")
+        img = img.detach().to("cpu", torch.float32).permute(1, 2, 0).numpy()
+    if not isinstance(img, np.ndarray):
+        raise TypeError(f"img: expected a numpy array or torch tensor, got {type(img).__name__}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
+        raise ValueError(f"img: expected (H, W), (H, W, 3) or (H, W, 4), got shape {img.shape}")
+    if img.dtype in (np.uint8, np.uint16):
+        out = img
+    elif np.issubdtype(img.dtype, np.floating):
+        out = np.round(np.clip(np.nan_to_num(img, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise TypeError(f"img: expected float in [0, 1], uint8 or uint16 pixels, got {img.dtype}")
+    if out.ndim == 3:
+        out = out[:, :, [2, 1, 0, 3][: out.shape[2]]]  # RGB(A) -> BGR(A)
+    return np.ascontiguousarray(out)
+
+
+def write_image(path: PathLike, img: Union[np.ndarray, torch.Tensor]) -> None:
+    """Write an RGB image atomically (temp file in the same folder, then rename).
+
+    ``img``: (H, W, 3) / (H, W) array (float in [0, 1] -> 8-bit; uint8 and uint16 written as they are), or a
+    (3, H, W) float tensor. The format follows the extension of ``path``.
+    """
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"path: expected an image extension {IMAGE_EXTENSIONS}, got {str(path)!r}")
+    pixels = _to_file_pixels(img)
+    ok, encoded = cv2.imencode(ext, pixels)
+    if not ok:
+        raise ValueError(f"img: OpenCV cannot encode {pixels.dtype} {pixels.shape} as {ext} for {str(path)!r}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encoded.tobytes())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an image should be readable like any other output
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
