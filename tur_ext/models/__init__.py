@@ -1,0 +1,38 @@
+"""Restoration backbones with a plug-and-play uncertainty head.
+
+    from tur_ext.models import build, strip_uncertainty, pad_to_multiple, crop_to
+    model = build("nafnet-tiny", uncertainty=True)        # forward(x) -> (image, uncertainty)
+    x, size = pad_to_multiple(images, model.size_multiple)  # reflect-pad bottom/right
+    image, u = model(x)
+    plain = strip_uncertainty(model)                       # forward(x) -> image, same weights
+    restored = crop_to(plain(x), size)
+
+Registered names: see :func:`available`; each model has ``arch``, ``config``, ``size_multiple`` and
+``supports_fp16``, and :func:`spec` gives the same facts without building one.
+"""
+from .head import Backbone, UncertaintyHead, attach_uncertainty_head, strip_uncertainty
+from .nafnet import NAFNet
+from .padding import crop_to, pad_to_multiple, padded_size
+from .promptir import PromptIR
+from .registry import ModelSpec, available, build, spec
+from .weights import LoadReport, WeightsMismatchError, load_weights, read_state_dict
+
+__all__ = [
+    "Backbone",
+    "LoadReport",
+    "ModelSpec",
+    "NAFNet",
+    "PromptIR",
+    "UncertaintyHead",
+    "WeightsMismatchError",
+    "attach_uncertainty_head",
+    "available",
+    "build",
+    "crop_to",
+    "load_weights",
+    "pad_to_multiple",
+    "padded_size",
+    "read_state_dict",
+    "spec",
+    "strip_uncertainty",
+]

@@ -1,0 +1,159 @@
+"""The plug-and-play uncertainty head and the backbone contract it plugs into.
+
+A :class:`Backbone` splits its forward into ``forward_features`` (the last decoder features, before the output
+convolution) and ``reconstruct`` (features + input -> image). With a head attached (the ``var_conv`` submodule, named
+as in the published TUR code so checkpoints keep their keys) the forward returns ``(image, uncertainty)``; without one
+it returns the image alone. The head reads the same, non-detached features as the output convolution, so the loss on
+the uncertainty also trains the backbone.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["UncertaintyHead", "Backbone", "attach_uncertainty_head", "strip_uncertainty", "HEAD_NAME"]
+
+#: Attribute (and state-dict prefix) of the head inside a backbone.
+HEAD_NAME = "var_conv"
+
+
+class UncertaintyHead(nn.Sequential):
+    """conv3x3 -> ELU -> conv3x3 -> ELU -> conv3x3 -> Softplus: a positive per-pixel uncertainty map.
+
+    A ``Sequential`` so that its weights are ``0.*``, ``2.*`` and ``4.*`` (the published ``var_conv`` layout).
+    Softplus is positive down to pre-activations of about -87 in fp32 (-15 in fp16), below which it underflows to 0;
+    the TUR loss adds ``eps`` to the task uncertainty for that reason.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 3, hidden_channels: Optional[int] = None):
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        hidden = in_channels if hidden_channels is None else hidden_channels
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden_channels: expected a positive int, got {hidden_channels!r}")
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.ELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ELU(),
+            nn.Conv2d(hidden, out_channels, 3, padding=1),
+            nn.Softplus(),
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+
+class Backbone(nn.Module):
+    """Base class of the restoration networks in :mod:`tur_ext.models`.
+
+    Subclasses set ``in_channels``, ``out_channels``, ``feature_channels`` (channels of ``forward_features``),
+    ``size_multiple`` and ``supports_fp16``, and implement ``forward_features`` and ``reconstruct``.
+    :func:`tur_ext.models.build` fills in ``arch`` and ``config`` (``build(model.arch, **model.config)`` rebuilds the
+    same architecture, head included).
+    """
+
+    # Class attributes without annotations: TorchScript would try to type annotated ones as module attributes.
+    in_channels = 3
+    out_channels = 3
+    feature_channels = 0
+    size_multiple = 1
+    supports_fp16 = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arch: str = type(self).__name__.lower()
+        self.config: Dict[str, Any] = {}
+        # A plain attribute until a head is attached, so the head's keys come after the backbone's in state_dict().
+        self.var_conv: Optional[UncertaintyHead] = None
+
+    @classmethod
+    def size_multiple_for(cls, config: Mapping[str, Any]) -> int:
+        """The ``size_multiple`` of the model ``cls(**config)`` would build, without building it."""
+        return cls.size_multiple
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return self.var_conv is not None
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reconstruct(self, features: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ValueError unless ``x`` is ``(B, in_channels, H, W)`` with H, W multiples of ``size_multiple``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        m = self.size_multiple
+        if h % m or w % m:
+            raise ValueError(
+                f"x: height and width must be multiples of {m} for {self.arch}, got {h}x{w}; "
+                f"pad with tur_ext.models.pad_to_multiple(x, {m}) and crop back with crop_to")
+
+    def forward(self, x: Tensor):
+        """``x`` (B, in_channels, H, W) -> the restored image, or ``(image, uncertainty)`` with a head."""
+        if not torch.jit.is_scripting():
+            # Shape checks are Python-side: keep them out of traced, exported and compiled graphs.
+            if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+                self.check_input(x)
+        features = self.forward_features(x)
+        image = self.reconstruct(features, x)
+        if self.var_conv is None:
+            return image
+        return image, self.var_conv(features)
+
+
+def attach_uncertainty_head(model: Backbone, out_channels: Optional[int] = None) -> Backbone:
+    """Give ``model`` a freshly initialised head with ``out_channels`` maps (default: the image channels)."""
+    if not isinstance(model, Backbone):
+        raise TypeError(f"model: expected a tur_ext.models Backbone, got {type(model).__name__}")
+    channels = model.out_channels if out_channels is None else out_channels
+    head = UncertaintyHead(model.feature_channels, channels)
+    param = next(model.parameters(), None)
+    if param is not None:
+        head = head.to(device=param.device, dtype=param.dtype)
+    if HEAD_NAME in model.__dict__:
+        del model.__dict__[HEAD_NAME]
+    model.add_module(HEAD_NAME, head)
+    model.config = {**model.config, "uncertainty": True, "uncertainty_channels": channels}
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DataParallel/DistributedDataParallel keep the network in .module, torch.compile in ._orig_mod.
+    for attr in ("_orig_mod", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and not isinstance(model, Backbone):
+            return _unwrap(inner)
+    return model
+
+
+def strip_uncertainty(model: nn.Module) -> Backbone:
+    """The plain backbone of ``model``: same weights, forward returns only the image.
+
+    The result is a new top-level module that *shares* its submodules and parameters with ``model`` (no copy, same
+    device, dtype and mode); ``model`` keeps its head. Use ``copy.deepcopy`` on the result for an independent copy.
+    DataParallel, DistributedDataParallel and ``torch.compile`` wrappers are looked through.
+    """
+    net = _unwrap(model)
+    if not isinstance(net, Backbone):
+        raise TypeError(f"model: expected a tur_ext.models Backbone (or a wrapper of one), got {type(model).__name__}")
+    plain = net.__class__.__new__(net.__class__)
+    # Shallow-copy every dict of the module (parameters, buffers, submodules, hooks, config) so that removing the head
+    # here leaves `net` untouched while the tensors themselves stay shared.
+    plain.__dict__.update({k: (type(v)(v) if isinstance(v, (dict, set)) else v) for k, v in net.__dict__.items()})
+    modules: "OrderedDict[str, Optional[nn.Module]]" = plain.__dict__["_modules"]
+    modules.pop(HEAD_NAME, None)
+    plain.__dict__[HEAD_NAME] = None
+    plain.config = {**net.config, "uncertainty": False}
+    plain.config.pop("uncertainty_channels", None)
+    return plain

@@ -1,0 +1,168 @@
+"""Load weights saved in the layouts people actually have into a :mod:`tur_ext.models` network.
+
+Recognised layouts (detected from the file's top-level keys):
+
+* ``basicsr:params_ema`` / ``basicsr:params``: BasicSR-style ``{"params_ema": sd, "params": sd, ...}`` (NAFNet
+  releases, and this package's trainer); ``params_ema`` is preferred when present.
+* ``lightning``: a PyTorch Lightning checkpoint, ``{"state_dict": {"net.<key>": ...}, ...}`` (the PromptIR
+  release); only the ``net.`` entries are the network.
+* ``state_dict``: a plain ``{key: tensor}`` mapping.
+
+Key prefixes added by ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
+(``_orig_mod.``) are removed. Files are always read with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .head import HEAD_NAME
+
+__all__ = ["load_weights", "read_state_dict", "LoadReport", "WeightsMismatchError"]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LIGHTNING_PREFIX = "net."
+_HEAD_PREFIX = HEAD_NAME + "."
+_SHOW = 5  # keys listed per category in error messages
+
+
+class WeightsMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model."""
+
+
+class LoadReport(NamedTuple):
+    """What :func:`load_weights` found and did."""
+
+    source: str                           #: the file name (or "<state dict>")
+    format: str                           #: "state_dict", "lightning", "basicsr:params_ema" or "basicsr:params"
+    prefixes_stripped: Tuple[str, ...]    #: key prefixes removed, outermost first
+    num_loaded: int                       #: tensors copied into the model
+    missing_head_keys: Tuple[str, ...]    #: head keys the checkpoint lacked (the head keeps its fresh init)
+    dropped_head_keys: Tuple[str, ...]    #: head keys in the checkpoint that the model has no head for
+
+
+def _all_tensors(d: Mapping[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in d.items())
+
+
+def _strip(sd: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def read_state_dict(payload: Mapping[str, Any], source: str = "<state dict>"
+                    ) -> Tuple[Dict[str, Tensor], str, Tuple[str, ...]]:
+    """Find the network's state dict in a loaded checkpoint: ``(state_dict, format, prefixes_stripped)``."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{source}: expected a state dict or a checkpoint dict, got {type(payload).__name__}")
+    stripped: List[str] = []
+    if isinstance(payload.get("params_ema"), Mapping) or isinstance(payload.get("params"), Mapping):
+        fmt = "basicsr:params_ema" if isinstance(payload.get("params_ema"), Mapping) else "basicsr:params"
+        sd = dict(payload[fmt.split(":")[1]])
+    elif isinstance(payload.get("state_dict"), Mapping):
+        fmt = "lightning"
+        sd = dict(payload["state_dict"])
+    elif payload and _all_tensors(payload):
+        fmt = "state_dict"
+        sd = dict(payload)
+    else:
+        keys = ", ".join(repr(k) for k in list(payload)[:8])
+        raise ValueError(
+            f"{source}: not a recognised checkpoint: expected a {{key: tensor}} state dict, a BasicSR checkpoint "
+            f"('params_ema'/'params') or a Lightning checkpoint ('state_dict'); top-level keys: {keys or 'none'}")
+    if not sd or not _all_tensors(sd):
+        raise ValueError(f"{source}: the {fmt} entry is empty or holds values that are not tensors")
+
+    changed = True
+    while changed:  # wrappers nest (DDP around torch.compile): peel them in any order
+        changed = False
+        for prefix in _WRAPPER_PREFIXES + ((_LIGHTNING_PREFIX,) if fmt == "lightning" else ()):
+            if prefix == _LIGHTNING_PREFIX:
+                # The LightningModule may own other modules (a loss with parameters); only `net.` is the network.
+                if any(k.startswith(prefix) for k in sd):
+                    sd = _strip({k: v for k, v in sd.items() if k.startswith(prefix)}, prefix)
+                    stripped.append(prefix)
+                    changed = True
+            elif all(k.startswith(prefix) for k in sd):
+                sd = _strip(sd, prefix)
+                stripped.append(prefix)
+                changed = True
+    return sd, fmt, tuple(stripped)
+
+
+def _listing(title: str, keys: List[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return f"{title} ({len(keys)}): {shown}{more}"
+
+
+def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, Any]], *,
+                 strict_head: bool = True) -> LoadReport:
+    """Load a checkpoint into ``model`` (in place) and say what was loaded.
+
+    ``path`` is a file (any layout of this module's docstring) or an already-loaded checkpoint dict. Every key must
+    match the model, with the same shapes; otherwise a :class:`WeightsMismatchError` (a ``ValueError``) lists the
+    first missing, unexpected and mismatched keys and names the file. With ``strict_head=False`` the uncertainty head
+    is exempt: a head-less checkpoint loads into a model with a head (a warning says the head starts untrained), and
+    a checkpoint's head is dropped when the model has none (to export a TUR-trained backbone).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(strict_head, bool):
+        raise TypeError(f"strict_head: expected a bool, got {type(strict_head).__name__}")
+    if isinstance(path, Mapping):
+        source, payload = "<state dict>", path
+    elif isinstance(path, (str, os.PathLike)):
+        source = os.fspath(path)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"path: no such checkpoint file: {source}")
+        try:
+            payload = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
+                             f"containers are allowed): {exc}") from exc
+        except (RuntimeError, EOFError) as exc:
+            raise ValueError(f"{source}: not a readable torch checkpoint: {exc}") from exc
+    else:
+        raise TypeError(f"path: expected a file path or a checkpoint dict, got {type(path).__name__}")
+
+    sd, fmt, stripped = read_state_dict(payload, source)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    missing_head: List[str] = []
+    dropped_head: List[str] = []
+    if not strict_head:
+        own_head = [k for k in own if k.startswith(_HEAD_PREFIX)]
+        # Exempt a head only when it is absent as a whole: half a head is a corrupt checkpoint, not a choice.
+        if own_head and all(k in missing for k in own_head):
+            missing_head = own_head
+            missing = [k for k in missing if not k.startswith(_HEAD_PREFIX)]
+        ckpt_head = [k for k in sd if k.startswith(_HEAD_PREFIX)]
+        if ckpt_head and all(k in unexpected for k in ckpt_head):
+            dropped_head = ckpt_head
+            unexpected = [k for k in unexpected if not k.startswith(_HEAD_PREFIX)]
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{source}: checkpoint ({fmt}) does not match {type(model).__name__}"]
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if mismatched:
+            parts.append(_listing("shape mismatches", mismatched))
+        if strict_head and (all(k.startswith(_HEAD_PREFIX) for k in missing + unexpected) and not mismatched):
+            parts.append("only the uncertainty head differs: pass strict_head=False to load the rest")
+        raise WeightsMismatchError("; ".join(parts))
+
+    sd = {k: v for k, v in sd.items() if k not in dropped_head}
+    model.load_state_dict(sd, strict=not missing_head)
+    if missing_head:
+        warnings.warn(f"{source}: the checkpoint has no uncertainty head; the head ({len(missing_head)} tensors) "
+                      f"starts untrained", stacklevel=2)
+    return LoadReport(source, fmt, stripped, len(sd), tuple(missing_head), tuple(dropped_head))
