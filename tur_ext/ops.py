@@ -86,6 +86,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scale_pred = fp16_grad_scale(pred[0].numel()) if half else 1.0
     ctx.scale_unc = fp16_grad_scale(uncertainty[0].numel()) if half else 1.0
     ctx.save_for_backward(output[6], output[7])
+    # Only the loss is differentiable: without these, autograd would allocate and zero-fill a gradient for each
+    # of the other outputs (the two gradient-sized ones included) on every backward.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, stored_scale: float) -> torch.Tensor:
@@ -117,6 +121,8 @@ def _backward(ctx, grad_loss, *_unused):
             "through tur_ext.task_uncertainty_loss, which asks for them when an input requires grad"
         )
     grad_pred, grad_unc = ctx.saved_tensors
+    if grad_loss is None:  # only another output was used downstream: nothing flows back
+        return None, None, None, None, None, None, None, None
     grad_pred = _scale(grad_pred, grad_loss, ctx.scale_pred)
     grad_target = -grad_pred if ctx.needs_input_grad[1] else None
     grad_unc = _scale(grad_unc, grad_loss, ctx.scale_unc) if ctx.needs_input_grad[2] else None
