@@ -1,0 +1,250 @@
+"""The losses a run can train with, behind one interface, so that TUR is compared with the usual alternatives.
+
+Every loss is an ``nn.Module`` called as ``loss_fn(pred, target, uncertainty_or_None, task_ids)`` (ids or names)
+and returning ``(loss, logs)``: the scalar to back-propagate and a dict of detached K-long per-task tensors:
+
+    loss         the task's term of the objective (0 for a task absent from the batch)
+    l1           plain L1 of the task's samples (what every run logs, for comparison)
+    count        samples of the task in the batch
+    uncertainty  mean predicted uncertainty of the task (when an uncertainty map is given)
+    weight       the task's weight in the objective (uw, dwa)
+
+Registry (``build_loss(name, tasks, **cfg)``):
+
+    tur   Task Uncertainty Regularization, the fused op (``tur_ext.TaskUncertaintyLoss``); needs the uncertainty map.
+    l1    uniform L1 over the batch: exactly ``F.l1_loss(pred, target)``.
+    uw    Kendall, Gal & Cipolla (CVPR 2018) homoscedastic uncertainty weighting: a learned s_k = log sigma_k^2 per
+          task, objective (1/M) sum_k [0.5 exp(-s_k) L_k + 0.5 s_k] over the M tasks present. Its parameters are
+          the loss module's own and must be given to the optimizer (the trainer does).
+    dwa   Dynamic Weight Average, Liu, Johns & Davison (CVPR 2019): w_k = L_k(t-1) / L_k(t-2) over the last two
+          completed periods, lambda_k = K exp(w_k / T) / sum_i exp(w_i / T), lambda = 1 for the first two periods;
+          objective (1/M) sum_k lambda_k L_k. A period is ``period`` training calls (the trainer uses one epoch).
+          Its running sums are buffers, so a checkpoint restores them exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tasks import TaskSet
+
+TaskIds = Union[torch.Tensor, Sequence[str], Sequence[int]]
+LossOutput = tuple[torch.Tensor, dict]
+
+
+def _as_ids(tasks: TaskSet, task_ids: TaskIds, device: torch.device) -> torch.Tensor:
+    if isinstance(task_ids, torch.Tensor):
+        ids = task_ids.to(device=device, dtype=torch.long)
+    else:
+        seq = list(task_ids)
+        if seq and all(isinstance(t, str) for t in seq):
+            ids = tasks.ids(seq, device=device)
+        else:
+            ids = torch.as_tensor(seq, dtype=torch.long, device=device)
+    if ids.dim() != 1:
+        raise ValueError(f"task_ids: expected a 1-D sequence of task ids or names, got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(tasks)):
+        raise ValueError(f"task_ids: ids must be in [0, {len(tasks)}), got {ids.tolist()}")
+    return ids
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if pred.dim() < 2:
+        raise ValueError(f"pred: expected (B, C, ...) , got shape {tuple(pred.shape)}")
+    if ids.numel() != pred.shape[0]:
+        raise ValueError(f"task_ids: expected {pred.shape[0]} ids (one per sample), got {ids.numel()}")
+
+
+def _per_task_mean(values: torch.Tensor, ids: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of per-sample ``values`` (B,) within each task -> (K,) means (0 where absent) and (K,) counts."""
+    counts = torch.zeros(num_tasks, dtype=values.dtype, device=values.device).index_add_(
+        0, ids, torch.ones_like(values))
+    sums = torch.zeros(num_tasks, dtype=values.dtype, device=values.device).index_add_(0, ids, values)
+    return sums / counts.clamp_min(1), counts
+
+
+def _common_logs(pred, target, uncertainty, ids, num_tasks) -> dict:
+    with torch.no_grad():
+        dt = torch.promote_types(pred.dtype, torch.float32)
+        per_sample = (pred.detach().to(dt) - target.detach().to(dt)).abs().flatten(1).mean(1)
+        l1, counts = _per_task_mean(per_sample, ids, num_tasks)
+        logs = {"l1": l1, "count": counts}
+        if uncertainty is not None:
+            logs["uncertainty"], _ = _per_task_mean(uncertainty.detach().to(dt).flatten(1).mean(1), ids, num_tasks)
+    return logs
+
+
+class _TaskLoss(nn.Module):
+    needs_uncertainty = False
+    name = ""
+
+    def __init__(self, tasks):
+        super().__init__()
+        self.tasks = TaskSet(tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}"
+
+
+class TURLoss(_TaskLoss):
+    """Task Uncertainty Regularization (DESIGN.md §1) through the fused op."""
+
+    needs_uncertainty = True
+    name = "tur"
+
+    def __init__(self, tasks, eps: float = 1e-6, reg_weight: float = 2.0):
+        super().__init__(tasks)
+        from .losses import TaskUncertaintyLoss  # the fused op; imported here so the other losses work without it
+
+        self.inner = TaskUncertaintyLoss(self.tasks, eps=eps, reg_weight=reg_weight)
+
+    def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
+        if uncertainty is None:
+            raise ValueError("uncertainty: the 'tur' loss needs the model's uncertainty map; "
+                             "build the model with uncertainty=True")
+        ids = _as_ids(self.tasks, task_ids, pred.device)
+        _check_pair(pred, target, ids)
+        out = self.inner(pred, target, uncertainty, ids)
+        logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        logs["loss"] = out.per_task_loss.detach().float()
+        logs["weighted_l1"] = out.per_task_weighted_l1.detach().float()
+        logs["reg"] = out.per_task_reg.detach().float()
+        return out.loss, logs
+
+
+class L1Loss(_TaskLoss):
+    """Uniform L1 over the whole batch."""
+
+    name = "l1"
+
+    def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
+        ids = _as_ids(self.tasks, task_ids, pred.device)
+        _check_pair(pred, target, ids)
+        loss = F.l1_loss(pred, target)
+        logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        logs["loss"] = logs["l1"].clone()
+        return loss, logs
+
+
+def _differentiable_task_l1(pred, target, ids, num_tasks):
+    # At least float32 (AMP outputs are half precision), float64 stays float64.
+    dt = torch.promote_types(pred.dtype, torch.float32)
+    per_sample = (pred.to(dt) - target.to(dt)).abs().flatten(1).mean(1)
+    return _per_task_mean(per_sample, ids, num_tasks)
+
+
+class UncertaintyWeightingLoss(_TaskLoss):
+    """Kendall et al. learned task weighting with one log-variance ``s_k`` per task."""
+
+    name = "uw"
+
+    def __init__(self, tasks, init_log_var: float = 0.0):
+        super().__init__(tasks)
+        self.log_var = nn.Parameter(torch.full((len(self.tasks),), float(init_log_var)))
+
+    def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
+        ids = _as_ids(self.tasks, task_ids, pred.device)
+        _check_pair(pred, target, ids)
+        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks)
+        present = (counts > 0).to(l1.dtype)
+        s = self.log_var.to(l1.dtype)
+        terms = (0.5 * torch.exp(-s) * l1 + 0.5 * s) * present
+        loss = terms.sum() / present.sum()
+        logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        logs["loss"] = terms.detach()
+        logs["weight"] = (0.5 * torch.exp(-s)).detach()
+        return loss, logs
+
+
+class DynamicWeightAverageLoss(_TaskLoss):
+    """Liu et al. Dynamic Weight Average over periods of ``period`` training calls."""
+
+    name = "dwa"
+
+    def __init__(self, tasks, temperature: float = 2.0, period: int = 100):
+        super().__init__(tasks)
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {temperature}")
+        if not (isinstance(period, int) and not isinstance(period, bool) and period >= 1):
+            raise ValueError(f"period: expected an integer >= 1, got {period!r}")
+        self.temperature = float(temperature)
+        self.period = period
+        k = len(self.tasks)
+        # All state as buffers: it travels in state_dict(), so a resumed run continues with the same weights.
+        self.register_buffer("weights", torch.ones(k, dtype=torch.float64))
+        self.register_buffer("history", torch.zeros(2, k, dtype=torch.float64))  # [L(t-2), L(t-1)]
+        self.register_buffer("periods_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("acc_sum", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("acc_count", torch.zeros(k, dtype=torch.float64))
+
+    @staticmethod
+    def dwa_weights(prev2: torch.Tensor, prev1: torch.Tensor, temperature: float) -> torch.Tensor:
+        """lambda_k = K softmax_k((L_k(t-1) / L_k(t-2)) / T)."""
+        ratio = prev1 / prev2
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))  # a task not seen: neutral
+        return prev1.numel() * torch.softmax(ratio / temperature, dim=0)
+
+    def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
+        ids = _as_ids(self.tasks, task_ids, pred.device)
+        _check_pair(pred, target, ids)
+        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks)
+        present = (counts > 0).to(l1.dtype)
+        lam = self.weights.to(device=l1.device, dtype=l1.dtype)
+        terms = lam * l1 * present
+        loss = terms.sum() / present.sum()
+        logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        logs["loss"] = terms.detach()
+        logs["weight"] = lam.detach().clone()
+        if self.training and torch.is_grad_enabled():
+            self._accumulate(l1.detach(), present)
+        return loss, logs
+
+    @torch.no_grad()
+    def _accumulate(self, l1: torch.Tensor, present: torch.Tensor) -> None:
+        sums, counts = l1 * present, present
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process sees its own shard of the batch: average over all of them so the weights agree.
+            both = torch.cat([sums, counts]).to(torch.float64)
+            torch.distributed.all_reduce(both)
+            sums, counts = both[: self.num_tasks], both[self.num_tasks:]
+        self.acc_sum += sums.to(self.acc_sum)
+        self.acc_count += counts.to(self.acc_count)
+        self.calls += 1
+        if int(self.calls) % self.period == 0:
+            avg = torch.where(self.acc_count > 0, self.acc_sum / self.acc_count.clamp_min(1),
+                              torch.full_like(self.acc_sum, float("nan")))
+            self.history[0] = self.history[1]
+            self.history[1] = avg
+            self.periods_done += 1
+            self.acc_sum.zero_()
+            self.acc_count.zero_()
+            if int(self.periods_done) >= 2:
+                self.weights.copy_(self.dwa_weights(self.history[0], self.history[1], self.temperature))
+
+
+LOSSES: dict[str, Callable[..., _TaskLoss]] = {
+    "tur": TURLoss,
+    "l1": L1Loss,
+    "uw": UncertaintyWeightingLoss,
+    "dwa": DynamicWeightAverageLoss,
+}
+
+
+def build_loss(name: str, tasks, **cfg) -> _TaskLoss:
+    """The loss ``name`` (tur, l1, uw, dwa) for ``tasks`` (a TaskSet, set name or list of names)."""
+    if name not in LOSSES:
+        raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    try:
+        return LOSSES[name](tasks, **cfg)
+    except TypeError as e:
+        raise TypeError(f"loss: bad options {sorted(cfg)} for loss {name!r}: {e}") from None

@@ -1,0 +1,299 @@
+"""The ``tur`` command line: train, eval, report, demo.
+
+    tur train CONFIG [--set a.b=value ...] [--resume auto|PATH]
+    tur eval CHECKPOINT|RUN_DIR [--set data.key=value ...] [--no-ema] [--convention promptir|basicsr] [--out JSON]
+    tur report RUN_DIR
+    tur demo [--out runs/demo] [--steps N] [--jobs N]
+    tur export ... / tur restore ...      (deployment, see tur_ext.deploy_cli)
+
+``python -m tur_ext ...`` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+#: The quickstart recipe (configs/quickstart.yaml holds the same values; a test keeps them equal). Sized so that
+#: both demo trainings, evaluation and the report fit in a few minutes on 2 CPU cores.
+QUICKSTART: dict = {
+    "name": "quickstart",
+    "seed": 0,
+    "tasks": "3task",
+    "output_dir": "runs/quickstart",
+    "model": {"name": "nafnet-tiny", "uncertainty": "auto"},
+    "loss": {"name": "tur"},
+    "data": {
+        "type": "embedded",
+        "patch_size": 64,
+        "length": 1000,
+        "eval_crop": 128,
+        "eval_crops_per_task": 4,
+        "batch_size": 10,
+        "eval_batch_size": 4,
+        "num_workers": 0,
+    },
+    "optim": {"lr": 1.0e-3, "betas": [0.9, 0.9], "weight_decay": 0.0},
+    "schedule": {"unit": "steps", "warmup": 50, "min_lr": 1.0e-6},
+    "train": {
+        "steps": 600,
+        "grad_clip": 1.0,
+        "ema_decay": 0.999,
+        "ema_warmup": True,
+        "log_every": 10,
+        "checkpoint_every": 200,
+        "keep_last": 1,
+        "tensorboard": True,
+    },
+}
+
+DEMO_LOSSES = ("tur", "l1")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # exit code 2 with the usage, as argparse does, but through main's return value
+        self.print_usage(sys.stderr)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tur", description="All-in-one image restoration trained with Task Uncertainty Regularization.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto': continue from the run folder's newest checkpoint (fresh start if none); or a path")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (checkpointed)")
+
+    e = sub.add_parser("eval", help="per-task PSNR/SSIM of a checkpoint on its eval set")
+    e.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config, e.g. --set data.eval_crops_per_task=8")
+    e.add_argument("--no-ema", action="store_true", help="evaluate params instead of params_ema")
+    e.add_argument("--convention", choices=("promptir", "basicsr"), default=None,
+                   help="metric convention (default: the run's train.val_convention)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    e.add_argument("--out", default=None, help="also write the results as JSON here")
+
+    r = sub.add_parser("report", help="write report.md + plots for a run folder or a folder of runs")
+    r.add_argument("run_dir")
+    r.add_argument("--no-samples", action="store_true", help="skip the restored-samples grid")
+
+    d = sub.add_parser("demo", help="quickstart: TUR vs uniform L1 on the embedded data, evaluated and reported")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {QUICKSTART['train']['steps']})")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the quickstart config of both runs")
+    d.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at the same time, one core each (default: 2 where 2 cores are free)")
+
+    from . import deploy_cli  # export / restore: each subparser sets ``func``
+
+    deploy_cli.register(sub)
+    return p
+
+
+# --- commands -----------------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from .train.config import load_config
+    from .train.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    with Trainer(cfg) as trainer:
+        summary = trainer.train(max_steps=args.max_steps)
+    if trainer.dist.is_main:
+        _print_summary(cfg["name"], summary)
+    return 0
+
+
+def _print_summary(name: str, summary: dict) -> None:
+    from .train.evaluate import format_table
+
+    print(f"[tur] {name}: {summary['step']}/{summary['total_steps']} steps in {summary['seconds']:.1f} s; "
+          f"checkpoint {summary['checkpoint']}")
+    if summary.get("metrics"):
+        print(format_table({name: summary["metrics"]}))
+
+
+def cmd_eval(args) -> int:
+    from .train.checkpoint import find_checkpoint, load_checkpoint
+    from .train.config import apply_overrides
+    from .train.evaluate import evaluate_checkpoint, format_table, write_json
+    from .train.trainer import TRAINER_DATA_KEYS
+
+    data = None
+    if args.overrides:
+        ckpt = load_checkpoint(find_checkpoint(args.checkpoint))
+        cfg = apply_overrides(copy.deepcopy(ckpt.get("config") or {}), args.overrides)
+        data = {k: v for k, v in (cfg.get("data") or {}).items() if k not in TRAINER_DATA_KEYS}
+        data.setdefault("seed", cfg.get("seed", 0))
+    res = evaluate_checkpoint(args.checkpoint, data=data, use_ema=not args.no_ema, device=args.device,
+                              convention=args.convention)
+    label = "ema" if not args.no_ema else "params"
+    print(f"[tur] {res['checkpoint']} (step {res['step']}, {label}, {res['convention']} convention)")
+    print(format_table({label: res["tasks"]}))
+    if args.out:
+        write_json(args.out, res)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir, samples=not args.no_samples)
+    print(f"[tur] wrote {path}")
+    return 0
+
+
+def demo_config(loss: str, out: Path, steps: Optional[int], overrides: Sequence[str] = ()) -> dict:
+    from .train.config import load_config
+
+    sets = [f"loss.name={loss}", f"name=demo-{loss}", f"output_dir={out / loss}"]
+    if steps is not None:
+        sets.append(f"train.steps={steps}")
+    return load_config(raw=copy.deepcopy(QUICKSTART), overrides=[*overrides, *sets])
+
+
+def _demo_train(cfg: dict, position: Optional[int], threads: Optional[int]) -> dict:
+    """One demo run (also the body of a worker process when the runs go side by side)."""
+    import torch
+
+    from .train.trainer import Trainer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with Trainer(cfg, progress_position=position) as trainer:
+        summary = trainer.train()
+    return {t: {"psnr": m["psnr"], "ssim": m["ssim"]} for t, m in (summary["metrics"] or {}).items()}
+
+
+def _demo_worker(cfg: dict, position: int, threads: int, queue) -> None:
+    try:
+        queue.put((cfg["loss"]["name"], _demo_train(cfg, position, threads), None))
+    except BaseException as e:  # reported by the parent, which owns the exit status
+        queue.put((cfg["loss"]["name"], None, f"{type(e).__name__}: {e}"))
+
+
+def _demo_jobs(requested: Optional[int]) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--jobs: expected >= 1, got {requested}")
+        return min(requested, len(DEMO_LOSSES))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(len(DEMO_LOSSES), max(1, cores))
+
+
+def cmd_demo(args) -> int:
+    from .report import write_report
+    from .train.evaluate import format_table, write_json
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    cfgs = {loss: demo_config(loss, out, args.steps, args.overrides) for loss in DEMO_LOSSES}
+    jobs = _demo_jobs(args.jobs)
+    for cfg in cfgs.values():
+        run_dir = Path(cfg["output_dir"])
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # the demo's own run folders: every demo starts both runs afresh
+    steps = cfgs[DEMO_LOSSES[0]]["train"]["steps"]
+    print(f"[tur] demo: nafnet-tiny, 3-task embedded data, {steps} steps per run, losses {', '.join(DEMO_LOSSES)} "
+          f"({'side by side, one core each' if jobs > 1 else 'one after the other'})", flush=True)
+    results: dict = {}
+    if jobs == 1:
+        for loss in DEMO_LOSSES:
+            results[loss] = _demo_train(cfgs[loss], None, None)
+    else:
+        # Two single-threaded processes use two cores better than one process with two threads: the small
+        # convolutions of nafnet-tiny scale poorly across threads, and badly when another program takes a core.
+        import multiprocessing as mp
+        import queue as queue_mod
+
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = {loss: ctx.Process(target=_demo_worker, args=(cfgs[loss], i, 1, queue), name=f"tur-demo-{loss}")
+                 for i, loss in enumerate(DEMO_LOSSES)}
+        errors = []
+        finished = False
+        try:
+            for p in procs.values():
+                p.start()
+            pending = set(procs)
+            while pending:
+                try:
+                    loss, res, err = queue.get(timeout=1.0)
+                except queue_mod.Empty:
+                    # A worker killed outright (out of memory, say) never reports: notice it by its exit code.
+                    dead = [l for l in pending if procs[l].exitcode not in (None, 0)]
+                    for l in dead:
+                        errors.append(f"{l}: the training process died (exit code {procs[l].exitcode})")
+                        pending.discard(l)
+                    continue
+                pending.discard(loss)
+                if err is not None:
+                    errors.append(f"{loss}: {err}")
+                else:
+                    results[loss] = res
+            finished = True
+        finally:
+            for p in procs.values():
+                if p.is_alive() and (errors or not finished):
+                    p.terminate()  # a failed or interrupted demo does not leave the other run training
+                p.join()
+        if errors:
+            raise RuntimeError("demo run failed: " + "; ".join(errors))
+    results = {loss: results[loss] for loss in DEMO_LOSSES}
+    write_json(out / "metrics.json", results)
+    report = write_report(out, title="tur demo: TUR vs uniform L1 (nafnet-tiny, 3-task, embedded data)")
+    tasks = list(next(iter(results.values())))
+    print()
+    print("Per-task results on the held-out set (PSNR dB / SSIM, PromptIR convention, EMA weights):")
+    print(format_table(results, tasks))
+    print(f"\n[tur] wrote {out / 'metrics.json'} and {report} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``tur`` console script; returns the exit status (0 ok, 1 failure, 2 usage/config)."""
+    from .train.config import ConfigError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        command = COMMANDS.get(args.command) or args.func
+        return command(args)
+    except ConfigError as e:
+        print(f"tur {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        print(f"tur {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tur {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Per-task PSNR/SSIM of a model (or of a checkpoint) on an evaluation set."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .. import metrics
+from ..tasks import TaskSet
+
+
+def write_json(path: Union[str, os.PathLike], obj) -> None:
+    """JSON through a temp file + rename (NaN/inf written as null: strict JSON readers reject them)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(obj), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@torch.no_grad()
+def restore(model: nn.Module, lq: torch.Tensor, amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The restored image of a (B, C, H, W) batch: padded to the model's size multiple, cropped back, clamped to
+    [0, 1]. The uncertainty map of a TUR model is dropped."""
+    from ..models import crop_to, pad_to_multiple
+
+    x, size = pad_to_multiple(lq, int(getattr(model, "size_multiple", 1)))
+    ctx = torch.autocast(lq.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with ctx:
+        out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return crop_to(out.float(), size).clamp_(0.0, 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, tasks, *, device: Union[str, torch.device] = "cpu",
+             convention: str = "promptir", crop_border: int = 0, test_y_channel: bool = False,
+             amp_dtype: Optional[torch.dtype] = None) -> dict:
+    """Mean PSNR/SSIM per task over ``loader`` (batches of ``{"lq", "gt", "task_id"}``), in the run's task order:
+    ``{task: {"psnr": float, "ssim": float, "count": int}}`` for the tasks present."""
+    tasks = TaskSet(tasks)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list] = {}
+    try:
+        for batch in loader:
+            lq = batch["lq"].to(device)
+            pred = restore(model, lq, amp_dtype).cpu()
+            gt = batch["gt"].float()
+            kw = dict(convention=convention, crop_border=crop_border, test_y_channel=test_y_channel)
+            ps = metrics.psnr_batch(pred, gt, **kw)
+            ss = metrics.ssim_batch(pred, gt, **kw)
+            for tid, p, s in zip(batch["task_id"].tolist(), ps, ss):
+                acc = sums.setdefault(tasks[tid], [0.0, 0.0, 0])
+                acc[0] += p
+                acc[1] += s
+                acc[2] += 1
+    finally:
+        model.train(was_training)
+    return {t: {"psnr": sums[t][0] / sums[t][2], "ssim": sums[t][1] / sums[t][2], "count": sums[t][2]}
+            for t in tasks if t in sums}
+
+
+def evaluate_checkpoint(path: Union[str, os.PathLike], *, data: Optional[dict] = None, use_ema: bool = True,
+                        device: Union[str, torch.device, None] = None, convention: Optional[str] = None,
+                        batch_size: Optional[int] = None) -> dict:
+    """Per-task metrics of a checkpoint (a file, or a run folder: its newest checkpoint).
+
+    The eval set is the checkpoint's own ``data:`` section unless ``data`` replaces it; the tasks are the
+    checkpoint's. Returns ``{"checkpoint", "step", "convention", "tasks": {task: {...}}}``.
+    """
+    from .. import data as tdata
+    from .checkpoint import build_model_from_checkpoint, find_checkpoint, load_checkpoint
+    from .trainer import TRAINER_DATA_KEYS
+
+    ckpt_path = find_checkpoint(path)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.get("config") or {}
+    tasks = TaskSet(list(ckpt["tasks"]))
+    run_data = dict(cfg.get("data") or {})
+    data_cfg = dict(data) if data is not None else {k: v for k, v in run_data.items() if k not in TRAINER_DATA_KEYS}
+    data_cfg.setdefault("seed", cfg.get("seed", 0))
+    conv = convention or (cfg.get("train") or {}).get("val_convention", "promptir")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model_from_checkpoint(ckpt, use_ema=use_ema).to(dev)
+    eval_set = tdata.build_eval_dataset(data_cfg, tasks)
+    bs = batch_size or int(run_data.get("eval_batch_size", 1))
+    loader = tdata.build_eval_loader(eval_set, bs)
+    result = evaluate(model, loader, tasks, device=dev, convention=conv)
+    return {"checkpoint": str(ckpt_path), "step": int(ckpt.get("step", 0)), "convention": conv, "tasks": result}
+
+
+def format_table(results: dict, tasks=None) -> str:
+    """A plain-text table, one row per task, PSNR/SSIM per run: ``results = {run: {task: {"psnr", "ssim"}}}``."""
+    runs = list(results)
+    if tasks is None:
+        tasks = []
+        for r in runs:
+            for t in results[r]:
+                if t not in tasks:
+                    tasks.append(t)
+    head = f"{'task':<12}" + "".join(f"{r + ' PSNR':>12}{r + ' SSIM':>11}" for r in runs)
+    lines = [head, "-" * len(head)]
+    means = {r: [[], []] for r in runs}
+    for t in tasks:
+        row = f"{t:<12}"
+        for r in runs:
+            m = results[r].get(t)
+            if m is None:
+                row += f"{'-':>12}{'-':>11}"
+                continue
+            row += f"{m['psnr']:>12.2f}{m['ssim']:>11.4f}"
+            means[r][0].append(m["psnr"])
+            means[r][1].append(m["ssim"])
+        lines.append(row)
+    row = f"{'mean':<12}"
+    for r in runs:
+        p, s = means[r]
+        row += f"{sum(p) / len(p):>12.2f}{sum(s) / len(s):>11.4f}" if p else f"{'-':>12}{'-':>11}"
+    lines += ["-" * len(head), row]
+    return "\n".join(lines)

@@ -1,0 +1,450 @@
+"""The training loop: one config in, a run folder out (checkpoints, CSV/TensorBoard logs, per-task validation).
+
+Run folder layout::
+
+    <output_dir>/config.yaml            the validated config of the run
+    <output_dir>/checkpoints/step_*.pt  the last ``train.keep_last`` checkpoints (see checkpoint.py)
+    <output_dir>/log.csv                training log: lr, images/s, and per task: loss, plain L1, mean uncertainty, weight
+    <output_dir>/val.csv                per-task PSNR/SSIM of the EMA model at each validation
+    <output_dir>/metrics.json           the last validation, {task: {"psnr", "ssim", "count"}}
+    <output_dir>/tb/                    TensorBoard events
+
+Multi-GPU: launched by ``torchrun``, each process trains on ``data.batch_size / WORLD_SIZE`` samples per step
+(DistributedDataParallel); only rank 0 logs, validates and writes checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..baselines import build_loss
+from ..tasks import TaskSet
+from . import distributed as D
+from .checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, model_spec, rng_state, set_rng_state
+from .config import dump_config
+from .ema import ModelEMA
+from .evaluate import evaluate, write_json
+from .logs import VAL_COLUMNS, CSVLog, TensorBoardLog, train_columns
+from .schedule import WarmupCosineSchedule
+
+#: data-section keys the trainer reads itself; the rest of ``data:`` goes to the dataset builders.
+TRAINER_DATA_KEYS = ("batch_size", "num_workers", "eval_batch_size")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the task(s). No checkpoint was written for it."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} was asked for but CUDA is not available")
+    return dev
+
+
+def dataset_config(cfg: dict) -> dict:
+    """The ``data:`` section minus the keys the trainer keeps, with the run seed as the default data seed."""
+    data = {k: v for k, v in cfg["data"].items() if k not in TRAINER_DATA_KEYS}
+    data.setdefault("seed", cfg["seed"])
+    return data
+
+
+def model_uncertainty(cfg: dict) -> bool:
+    unc = cfg["model"]["uncertainty"]
+    if unc == "auto":
+        from ..baselines import LOSSES
+
+        return bool(LOSSES[cfg["loss"]["name"]].needs_uncertainty)
+    return bool(unc)
+
+
+def model_kwargs(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["model"].items() if k not in ("name", "uncertainty")}
+
+
+class Trainer:
+    """Builds everything a run needs from a validated config (see :mod:`tur_ext.train.config`)."""
+
+    def __init__(self, cfg: dict, *, progress_position: Optional[int] = None):
+        """``progress_position``: the tqdm line of this run (several runs printing side by side)."""
+        from .. import data as tdata
+        from .. import models
+
+        self.cfg = cfg
+        t = cfg["train"]
+        self.device = resolve_device(cfg["device"])
+        self.dist = D.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if t["threads"] is not None:
+            torch.set_num_threads(t["threads"])
+        self.run_dir = Path(cfg["output_dir"])
+        self.tasks = TaskSet(cfg["tasks"])
+        torch.manual_seed(cfg["seed"])
+
+        # --- data
+        bs = cfg["data"]["batch_size"]
+        if bs % self.dist.world_size:
+            raise ValueError(f"data.batch_size: the total batch {bs} must divide by WORLD_SIZE={self.dist.world_size}")
+        self.batch_per_rank = bs // self.dist.world_size
+        if self.batch_per_rank < len(self.tasks):
+            warnings.warn(f"data.batch_size: {self.batch_per_rank} samples per process cannot hold all "
+                          f"{len(self.tasks)} tasks in every batch")
+        dcfg = dataset_config(cfg)
+        self.train_set = tdata.build_train_dataset(dcfg, self.tasks)
+        self.loader = tdata.build_train_loader(
+            self.train_set, self.batch_per_rank, seed=cfg["seed"], num_workers=cfg["data"]["num_workers"],
+            rank=self.dist.rank, world_size=self.dist.world_size, pin_memory=self.device.type == "cuda")
+        self.loader.batch_sampler.set_epoch(0)
+        self.steps_per_epoch = max(1, len(self.loader))
+        self.total_steps = t["steps"] if t["steps"] is not None else max(1, math.ceil(t["epochs"] * self.steps_per_epoch))
+        self.eval_loader = None
+        if t["validate"]:
+            self.eval_set = tdata.build_eval_dataset(dcfg, self.tasks)
+            self.eval_loader = tdata.build_eval_loader(self.eval_set, cfg["data"]["eval_batch_size"])
+
+        # --- model, loss, optimizer
+        self.uncertainty = model_uncertainty(cfg)
+        self.model = models.build(cfg["model"]["name"], uncertainty=self.uncertainty, **model_kwargs(cfg))
+        self.model.to(self.device)
+        loss_cfg = {k: v for k, v in cfg["loss"].items() if k != "name"}
+        if cfg["loss"]["name"] == "dwa":
+            loss_cfg.setdefault("period", self.steps_per_epoch)  # DWA averages over epochs
+        self.loss_fn = build_loss(cfg["loss"]["name"], self.tasks, **loss_cfg).to(self.device)
+        if cfg["loss"]["name"] == "tur":
+            self.loss_fn.inner.check_finite = False  # the trainer checks, naming the step as well as the task
+        if self.loss_fn.needs_uncertainty and not self.uncertainty:
+            raise ValueError(f"model.uncertainty: the {cfg['loss']['name']!r} loss needs the uncertainty head")
+        if t["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(self.model, t["ema_decay"], warmup=t["ema_warmup"])
+
+        o = cfg["optim"]
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "weight_decay": o["weight_decay"]}]
+        self.loss_params = loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if loss_params:  # uw's log-variances: no weight decay, which would pull them towards sigma = 1
+            groups.append({"params": loss_params, "weight_decay": 0.0, "lr": o["loss_lr"] or o["lr"]})
+        self.optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        s = cfg["schedule"]
+        unit = self.steps_per_epoch if s["unit"] == "epochs" else 1
+        warmup = int(round(s["warmup"] * unit))
+        cosine = int(round(s["cosine_end"] * unit)) if s["cosine_end"] is not None else self.total_steps
+        self.scheduler = WarmupCosineSchedule(self.optimizer, warmup_steps=warmup, cosine_steps=max(cosine, warmup),
+                                              min_lr_ratio=min(1.0, s["min_lr"] / o["lr"]))
+
+        # --- precision and compilation
+        self.amp_dtype = None
+        if t["amp"] != "none":
+            if self.device.type == "cuda":
+                self.amp_dtype = torch.bfloat16 if t["amp"] == "bf16" else torch.float16
+            else:
+                warnings.warn(f"train.amp={t['amp']!r} applies on CUDA only; training in float32 on {self.device}")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
+        if t["compile"]:
+            self.train_model = torch.compile(self.train_model)
+
+        self.step = 0
+        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", t["keep_last"])
+        self.last_checkpoint: Optional[Path] = None
+        self.last_metrics: Optional[dict] = None
+        self.last_val_step: Optional[int] = None
+        self._started = False
+        self.progress_position = progress_position
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state(self) -> dict:
+        """Everything a checkpoint holds (see checkpoint.py), for the current step."""
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "model": model_spec(self.model, self.uncertainty),
+            "params": self.model.state_dict(),
+            "params_ema": self.ema.module.state_dict(),
+            "tasks": list(self.tasks),
+            "config": self.cfg,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state(self, ckpt: dict) -> None:
+        spec = model_spec(self.model, self.uncertainty)
+        if ckpt["model"] != spec:
+            raise ValueError(f"resume: the checkpoint's model {ckpt['model']} differs from this run's {spec}")
+        if list(ckpt["tasks"]) != list(self.tasks):
+            raise ValueError(f"resume: the checkpoint's tasks {ckpt['tasks']} differ from this run's {list(self.tasks)}")
+        self.model.load_state_dict(ckpt["params"])
+        self.ema.module.load_state_dict(ckpt["params_ema"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])  # after the optimizer: re-applies this config's lr
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.loss_fn.load_state_dict(ckpt["loss"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+
+    def resume(self, what: Optional[str]) -> Optional[Path]:
+        """``None``: fresh start; ``"auto"``: the newest checkpoint of this run folder if any; else a path."""
+        if what is None:
+            return None
+        if what == "auto":
+            path = self.ckpts.latest()
+            if path is None:
+                return None
+        else:
+            path = find_checkpoint(what)
+        self.load_state(load_checkpoint(path, map_location=self.device))
+        return path
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if self.dist.is_main:
+            self.last_checkpoint = self.ckpts.save(self.step, self.state())
+        D.barrier(self.dist)
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _forward(self, lq: torch.Tensor):
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with ctx:
+            out = self.train_model(lq)
+        if self.uncertainty:
+            pred, unc = out
+            return pred.float(), unc.float()
+        return out.float(), None
+
+    def _check_finite(self, loss: torch.Tensor, logs: dict, step: int) -> None:
+        finite = torch.isfinite(loss.detach())
+        if self.dist.enabled:
+            # Every rank must stop together: one leaving alone would hang the others in the gradient all-reduce.
+            flag = (~finite).to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            finite = flag[0] == 0
+        if bool(finite):
+            return
+        present = logs["count"] > 0
+        bad = [self.tasks[k] for k in range(len(self.tasks))
+               if bool(present[k]) and not (math.isfinite(float(logs["loss"][k])) and math.isfinite(float(logs["l1"][k])))]
+        if bad:
+            where = ", ".join(bad)
+        elif bool(torch.isfinite(loss.detach())):
+            where = f"in another process's batch (this is rank {self.dist.rank})"
+        else:
+            where = "none alone (the total is not finite)"
+        kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) at step {step}, task(s): {where}. "
+                                 f"Stopping without saving{kept}.")
+
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        nb = self.device.type == "cuda"
+        lq = batch["lq"].to(self.device, non_blocking=nb)
+        gt = batch["gt"].to(self.device, non_blocking=nb)
+        ids = batch["task_id"].to(self.device, non_blocking=nb)
+        if self.cfg["train"]["channels_last"]:
+            lq = lq.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        self.loss_fn.train()
+        pred, unc = self._forward(lq)
+        loss, logs = self.loss_fn(pred, gt.float(), unc, ids)
+        self._check_finite(loss, logs, self.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.dist.enabled and self.loss_params:
+            # DDP averages the model's gradients only; the loss's own parameters (uw) are averaged here.
+            for p in self.loss_params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.dist.world_size
+        clip = self.cfg["train"]["grad_clip"]
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr of this update (logged)
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return loss.detach(), logs
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def validate(self) -> dict:
+        """Per-task PSNR/SSIM of the EMA model on the eval set (rank 0); logged and written to metrics.json."""
+        metrics: dict = {}
+        if self.dist.is_main and self.eval_loader is not None:
+            metrics = evaluate(self.ema.module, self.eval_loader, self.tasks, device=self.device,
+                               convention=self.cfg["train"]["val_convention"], amp_dtype=self.amp_dtype)
+            for task, m in metrics.items():
+                self.val_log.write({"step": self.step, "task": task, **m})
+            self.tb.scalars({f"val_psnr/{k}": m["psnr"] for k, m in metrics.items()}, self.step)
+            self.tb.scalars({f"val_ssim/{k}": m["ssim"] for k, m in metrics.items()}, self.step)
+            write_json(self.run_dir / "metrics.json", {"step": self.step, "tasks": metrics})
+            self.last_metrics = metrics
+        self.last_val_step = self.step
+        D.barrier(self.dist)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _open_logs(self, resumed: bool) -> None:
+        main = self.dist.is_main
+        self.train_log = CSVLog(self.run_dir / "log.csv", train_columns(self.tasks)) if main else None
+        self.val_log = CSVLog(self.run_dir / "val.csv", VAL_COLUMNS) if main else None
+        if main:
+            if resumed:
+                self.train_log.truncate_after(self.step)
+                self.val_log.truncate_after(self.step)
+            else:
+                self.train_log.truncate_after(-1)
+                self.val_log.truncate_after(-1)
+        self.tb = TensorBoardLog(self.run_dir / "tb", main and self.cfg["train"]["tensorboard"],
+                                 purge_step=self.step if resumed else None)
+
+    def _start(self) -> None:
+        """Resume (train.resume), write config.yaml, open the logs: once per Trainer."""
+        resumed_from = self.resume(self.cfg["train"]["resume"])
+        if resumed_from is None and self.ckpts.list():
+            raise ValueError(f"output_dir: {str(self.run_dir)!r} already holds checkpoints of a run; continue it with "
+                             "--resume auto, or start elsewhere (--set output_dir=...)")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        self._open_logs(resumed_from is not None)
+        if self.dist.is_main:
+            from ..data import dataset_summary
+
+            # skip_bad_images: the unreadable files were dropped at build time; the count goes into the log.
+            print(f"[tur] train data: {dataset_summary(self.train_set)}", flush=True)
+            if self.eval_loader is not None:
+                print(f"[tur] eval data: {dataset_summary(self.eval_set)}", flush=True)
+        if resumed_from is not None:
+            self.last_checkpoint = resumed_from
+            if self.dist.is_main:
+                print(f"[tur] resumed from {resumed_from} at step {self.step}", flush=True)
+        self._started = True
+
+    def train(self, max_steps: Optional[int] = None) -> dict:
+        """Train to ``train.steps``/``train.epochs`` (or stop after ``max_steps`` more steps); returns a summary."""
+        t = self.cfg["train"]
+        main = self.dist.is_main
+        if not self._started:
+            self._start()
+        end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        bar = None
+        if main and t["progress"]:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg["name"], dynamic_ncols=True,
+                       position=self.progress_position)
+        acc = _LogAccumulator(len(self.tasks))
+        t_last, n_last = time.perf_counter(), 0
+        started = time.perf_counter()
+        try:
+            while self.step < end:
+                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+                self.loader.batch_sampler.set_epoch(epoch, start_batch=start_batch)
+                step_before = self.step
+                for batch in self.loader:
+                    loss, logs = self.train_step(batch)
+                    acc.add(loss, logs)
+                    n_last += batch["lq"].shape[0] * self.dist.world_size
+                    if bar is not None:
+                        bar.update(1)
+                    if main and (self.step % t["log_every"] == 0 or self.step == end):
+                        now = time.perf_counter()
+                        row = acc.row(self.tasks, step=self.step, epoch=self.step / self.steps_per_epoch,
+                                      lr=self.last_lr, ips=n_last / max(now - t_last, 1e-9))
+                        self.train_log.write(row)
+                        self.tb.scalars({k: v for k, v in row.items() if k not in ("step",)}, self.step)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                        acc = _LogAccumulator(len(self.tasks))
+                        t_last, n_last = now, 0
+                    paused = time.perf_counter()
+                    if t["val_every"] is not None and self.step % t["val_every"] == 0 and self.step < end:
+                        self.validate()
+                    if self.step % t["checkpoint_every"] == 0 or self.step == end:
+                        self.save_checkpoint()
+                    t_last += time.perf_counter() - paused  # images/s counts training time only
+                    if self.step >= end:
+                        break
+                if self.step == step_before:
+                    raise RuntimeError(f"data: epoch {epoch} gave no batch (from batch {start_batch}); "
+                                       "is the training set smaller than one batch?")
+            if self.step >= self.total_steps and self.last_val_step != self.step:
+                self.validate()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.tb.flush()
+        summary = {"step": self.step, "total_steps": self.total_steps, "seconds": time.perf_counter() - started,
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "metrics": self.last_metrics, "bad_images": self.train_set.bad_images}
+        if main:
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def close(self) -> None:
+        """Close the TensorBoard writer and the process group."""
+        if self._started:
+            self.tb.close()
+        D.cleanup(self.dist)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _LogAccumulator:
+    """Per-task means over the steps of one logging interval (a task counts only in the steps it was present)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.n = 0
+        self.loss = 0.0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.present = torch.zeros(k, dtype=torch.float64)
+
+    def add(self, loss: torch.Tensor, logs: dict) -> None:
+        self.n += 1
+        self.loss += float(loss)
+        present = (logs["count"].detach().cpu() > 0).double()
+        self.present += present
+        for key in ("loss", "l1", "uncertainty", "weight"):
+            if key in logs:
+                v = logs[key].detach().cpu().double()
+                if key != "weight":
+                    v = v * present
+                self.sums[key] = self.sums.get(key, torch.zeros(self.k, dtype=torch.float64)) + v
+
+    def row(self, tasks: TaskSet, *, step: int, epoch: float, lr: float, ips: float) -> dict:
+        row = {"step": step, "epoch": round(epoch, 4), "lr": lr, "images_per_s": round(ips, 3),
+               "loss": self.loss / max(self.n, 1)}
+        denom = self.present.clamp_min(1)
+        if "l1" in self.sums:
+            row["l1"] = float((self.sums["l1"] / denom)[self.present > 0].mean()) if bool((self.present > 0).any()) else None
+        for key, vals in self.sums.items():
+            mean = vals / (max(self.n, 1) if key == "weight" else denom)
+            for i, name in enumerate(tasks):
+                if key == "weight" or self.present[i] > 0:
+                    row[f"{key}/{name}"] = float(mean[i])
+        return row
