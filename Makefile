@@ -26,10 +26,15 @@ $(VENV)/.installed: setup.py pyproject.toml $(CSRC)
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+DEVICE_NAME = $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+BENCH_SUITES ?= loss models data
+
 bench: setup
 	mkdir -p benchmarks/results
-	cd benchmarks && ../$(PYTHON) -m pytest -q bench_loss.py --benchmark-json=results/bench_loss_$(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
-	for f in benchmarks/results/bench_loss_*.json; do $(PYTHON) benchmarks/summarize.py $$f > $${f%.json}.md; cat $${f%.json}.md; done
+	set -e; cd benchmarks && for s in $(BENCH_SUITES); do \
+	  ../$(PYTHON) -m pytest -q bench_$$s.py --benchmark-json=results/bench_$${s}_$(DEVICE_NAME).json; done
+	$(PYTHON) benchmarks/summarize.py benchmarks/results/bench_loss_$(DEVICE_NAME).json \
+	  | tee benchmarks/results/bench_loss_$(DEVICE_NAME).md
 
 # Compiles every CUDA source for each architecture, objects only: catches CUDA errors on machines without a GPU.
 cuda-check:

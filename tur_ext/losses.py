@@ -34,11 +34,12 @@ def task_uncertainty_loss(
         )
     compiling = torch.compiler.is_compiling()
     ids = as_task_ids(task_ids, pred.device)
-    if not compiling:
-        # Reading ids on the host is free for CPU ids (what loaders yield); device ids are checked by the op.
-        validate(pred, target, uncertainty, ids, num_tasks, eps, reg_weight, check_id_range=ids.device.type == "cpu")
-        if ids.device != pred.device:
-            ids = ids.to(pred.device, non_blocking=True)
+    if not compiling and ids.device != pred.device:
+        # The op checks every argument itself (same messages as the reference), but it can only read ids on the
+        # host without a sync when they live there: check CPU ids before they move to the device.
+        if ids.device.type == "cpu":
+            validate(pred, target, uncertainty, ids, num_tasks, eps, reg_weight)
+        ids = ids.to(pred.device, non_blocking=True)
     need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad or uncertainty.requires_grad)
     loss, per_task, l1, wl1, reg, counts, _, _ = torch.ops.tur.task_uncertainty_loss(
         pred, target, uncertainty, ids, num_tasks, float(eps), float(reg_weight), need_grad
