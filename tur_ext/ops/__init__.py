@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 try:
-    from . import _C  # noqa: F401  (importing it registers torch.ops.tur.*)
+    from .. import _C  # noqa: F401  (importing it registers torch.ops.tur.*)
 
     _IMPORT_ERROR: Exception | None = None
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -129,12 +129,6 @@ def _backward(ctx, grad_loss, *_unused):
     return grad_pred, grad_target, grad_unc, None, None, None, None, None
 
 
-# Under `python -m tur_ext.ops` this file runs a second time as __main__; the package already registered.
-if _C is not None and __name__ != "__main__":
+if _C is not None:
     torch.library.register_fake(OP_NAME)(_fake_loss)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-
-
-if __name__ == "__main__":
-    for key, value in build_info().items():
-        print(f"{key:14s} {value}")
