@@ -538,6 +538,17 @@ def _need_dir(base: Path, name: str) -> Path:
     return d
 
 
+def _use_clean_images(ds: RestorationDataset, root: PathLike, clean: list) -> None:
+    """Every clean image of ``root`` under every task of ``ds`` (degraded on the fly)."""
+    _check_embedded_tasks(ds.tasks)
+    ds.root = Path(root)
+    if not clean:
+        raise ValueError(f"root: no images under {str(root)!r}")
+    ds.records = [(t, None, p) for t in ds.tasks for p in clean]
+    ds._finalize()
+    _require_each(ds, list(ds.tasks))
+
+
 def _require_each(ds: RestorationDataset, want: Sequence[str]) -> None:
     empty = [t for t in want if t not in ds.tasks_present]
     if empty:
@@ -588,14 +599,7 @@ class CleanTrainDataset(_FolderTrain):
     def __init__(self, root: PathLike, tasks, *, patch_size: int = 128, seed: int = 0, augment: bool = True,
                  skip_bad_images: bool = False, exclude: Sequence[PathLike] = ()):
         super().__init__(tasks, patch_size=patch_size, seed=seed, augment=augment, skip_bad_images=skip_bad_images)
-        _check_embedded_tasks(self.tasks)
-        self.root = Path(root)
-        clean = list_images(root, exclude) if os.path.isdir(root) else []
-        if not clean:
-            raise ValueError(f"root: no images under {str(root)!r}")
-        self.records = [(t, None, p) for t in self.tasks for p in clean]
-        self._finalize()
-        _require_each(self, list(self.tasks))
+        _use_clean_images(self, root, list_images(root, exclude) if os.path.isdir(root) else [])
 
 
 class CleanEvalDataset(_FolderEval):
@@ -605,14 +609,7 @@ class CleanEvalDataset(_FolderEval):
                  max_images: Optional[int] = None, skip_bad_images: bool = False):
         super().__init__(tasks, seed=seed, crop=crop, size_multiple=size_multiple, max_images=max_images,
                          skip_bad_images=skip_bad_images)
-        _check_embedded_tasks(self.tasks)
-        self.root = Path(root)
-        clean = self._limit(list_images(root) if os.path.isdir(root) else [])
-        if not clean:
-            raise ValueError(f"root: no images under {str(root)!r}")
-        self.records = [(t, None, p) for t in self.tasks for p in clean]
-        self._finalize()
-        _require_each(self, list(self.tasks))
+        _use_clean_images(self, root, self._limit(list_images(root) if os.path.isdir(root) else []))
 
 
 class CombinedDataset(RestorationDataset):
