@@ -11,7 +11,7 @@ CSRC := $(shell find csrc -type f)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: setup test bench cuda-check demo cpp-test clean
+.PHONY: setup test bench cuda-check demo cpp-test runner clean
 
 setup: $(VENV)/.installed
 
@@ -45,15 +45,25 @@ cuda-check:
 	  $(NVCC) -std=c++20 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f \
 	    -o build/cuda-check/$$(basename $$f .cu).sm_$$a.o; done; done
 
+# The runner is optional for the demo: without OpenCV's headers it falls back to `tur restore` and says so.
 demo: setup
+	$(MAKE) runner || echo "demo: the C++ runner could not be built (see .ci/run for the OpenCV packages); using tur restore"
 	$(PYTHON) -m tur_ext demo
 
 # The C++ library and its tests through CMake against the libtorch inside the torch wheel.
 cpp-test: setup
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(CMAKE_CONFIGURE)
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+
+# The C++ runner build/tur-restore (needs OpenCV's Debian packages: see .ci/run).
+CMAKE_CONFIGURE = cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+
+runner: setup
+	$(CMAKE_CONFIGURE) -DTUR_REQUIRE_RUNNER=ON
+	cmake --build build/cmake --target tur-restore -j 2
+	cp build/cmake/export/tur-restore build/tur-restore
 
 clean:
 	rm -rf build $(VENV) tur_ext/_C*.so *.egg-info

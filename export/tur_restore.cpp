@@ -1,0 +1,593 @@
+// tur-restore: restore one image with a model exported by `tur export` (TorchScript .pt or AOTInductor .pt2).
+//
+//   tur-restore --model PATH --input IN --output OUT [--tile N [--overlap M]] [--device cpu|cuda[:N]] [--half]
+//
+// The same procedure as `tur restore` (tur_ext/inference.py): float RGB in [0, 1] -> the model's value range and
+// channel order -> reflect-pad to the size multiple -> whole image or overlapping tiles blended with linear ramps
+// (tiling.hpp) -> crop -> clamp -> 8-bit (16-bit when the input is 16-bit and the output is PNG/TIFF).
+// Errors are one line on stderr, "tur-restore: error: ...", with the exit codes listed in kUsage.
+#include <c10/util/Exception.h>
+#include <caffe2/serialize/inline_container.h>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/cuda.h>
+#include <torch/script.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+#include <fcntl.h>
+#include <malloc.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "json_min.hpp"
+#include "tiling.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: tur-restore --model PATH --input IN --output OUT [--tile N [--overlap M]] [--device cpu|cuda[:N]] "
+    "[--half]\n"
+    "\n"
+    "Restore one image with a model exported by `tur export` (.pt TorchScript or .pt2 AOTInductor).\n"
+    "  --model PATH    the exported model; its metadata gives the size multiple, value range and channel order\n"
+    "  --input IN      PNG, JPEG or TIFF (8- or 16-bit, gray or color)\n"
+    "  --output OUT    the restored image; 16-bit when the input is 16-bit and OUT is .png/.tif/.tiff\n"
+    "  --tile N        process tiles of N pixels (rounded down to the size multiple; 0: whole image, default)\n"
+    "  --overlap M     tile overlap in pixels (default min(32, tile/2))\n"
+    "  --device D      cpu (default), cuda or cuda:N\n"
+    "  --half          fp16 inference (CUDA only; models that support it)\n"
+    "  --benchmark K   developer option: run the restoration K more times and print timings to stderr\n"
+    "\n"
+    "exit status: 0 ok, 1 inference failed, 2 usage or option error, 3 model error, 4 input image error,\n"
+    "             5 output error\n";
+
+enum ExitCode { kOk = 0, kFailed = 1, kUsageError = 2, kModelError = 3, kInputError = 4, kOutputError = 5 };
+
+struct RunnerError {
+  int code;
+  std::string message;
+};
+
+[[noreturn]] void fail(int code, std::string message) { throw RunnerError{code, std::move(message)}; }
+
+std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
+
+// The first line of an exception message: torch errors carry backtraces and context lines.
+std::string first_line(const std::string& what) {
+  auto end = what.find('\n');
+  return end == std::string::npos ? what : what.substr(0, end);
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return s;
+}
+
+// --- options --------------------------------------------------------------------------------------------------------
+
+struct Options {
+  std::string model, input, output, device = "cpu";
+  int64_t tile = 0;
+  std::optional<int64_t> overlap;
+  bool half = false;
+  int64_t benchmark = 0;
+};
+
+int64_t parse_int(const std::string& option, const std::string& text) {
+  int64_t value = 0;
+  const char* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, value);
+  if (ec != std::errc() || ptr != end) fail(kUsageError, option + ": expected an integer, got " + in_quotes(text));
+  return value;
+}
+
+Options parse_args(int argc, char** argv) {
+  Options o;
+  bool have_model = false, have_input = false, have_output = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      std::exit(kOk);
+    }
+    if (arg == "--half") {
+      o.half = true;
+      continue;
+    }
+    if (arg.rfind("--", 0) != 0)
+      fail(kUsageError, "unexpected argument " + in_quotes(arg) + " (options are --model, --input, --output, ...)");
+    std::string value;
+    const auto eq = arg.find('=');
+    const bool inline_value = eq != std::string::npos;  // --option=value
+    if (inline_value) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+    }
+    static const char* const kValueOptions[] = {"--model", "--input", "--output", "--device", "--tile", "--overlap",
+                                                "--benchmark"};
+    if (std::find(std::begin(kValueOptions), std::end(kValueOptions), arg) == std::end(kValueOptions))
+      fail(kUsageError, "unknown option " + in_quotes(arg) + " (see --help)");
+    if (!inline_value) {
+      if (i + 1 >= argc) fail(kUsageError, arg + ": expected a value");
+      value = argv[++i];
+    }
+    if (arg == "--model") { o.model = value; have_model = true; }
+    else if (arg == "--input") { o.input = value; have_input = true; }
+    else if (arg == "--output") { o.output = value; have_output = true; }
+    else if (arg == "--device") o.device = value;
+    else if (arg == "--tile") o.tile = parse_int("--tile", value);
+    else if (arg == "--overlap") o.overlap = parse_int("--overlap", value);
+    else o.benchmark = std::max<int64_t>(0, parse_int("--benchmark", value));
+  }
+  if (!have_model || o.model.empty()) fail(kUsageError, "--model: required (the exported .pt or .pt2)");
+  if (!have_input || o.input.empty()) fail(kUsageError, "--input: required (the image to restore)");
+  if (!have_output || o.output.empty()) fail(kUsageError, "--output: required (where to write the result)");
+  if (o.tile < 0) fail(kUsageError, "--tile: expected a positive number of pixels (or 0 for none), got " +
+                                        std::to_string(o.tile));
+  return o;
+}
+
+torch::Device parse_device(const std::string& text) {
+  if (text == "cpu") return torch::kCPU;
+  if (text == "cuda" || text.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available())
+      fail(kUsageError, "--device: " + in_quotes(text) + " requested but CUDA is not available to this runner");
+    int64_t index = text == "cuda" ? 0 : parse_int("--device", text.substr(5));
+    if (index < 0 || index >= static_cast<int64_t>(torch::cuda::device_count()))
+      fail(kUsageError, "--device: no CUDA device " + std::to_string(index));
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  fail(kUsageError, "--device: expected cpu, cuda or cuda:N, got " + in_quotes(text));
+}
+
+// Codec libraries (libpng, libtiff) print their own warnings on stderr; the runner reports one line per error, so
+// their chatter is silenced while OpenCV decodes or encodes.
+class SilenceStderr {
+ public:
+  SilenceStderr() {
+    std::fflush(stderr);
+    saved_ = dup(STDERR_FILENO);
+    int null = open("/dev/null", O_WRONLY);
+    if (saved_ >= 0 && null >= 0) dup2(null, STDERR_FILENO);
+    if (null >= 0) close(null);
+  }
+  ~SilenceStderr() {
+    std::fflush(stderr);
+    if (saved_ >= 0) {
+      dup2(saved_, STDERR_FILENO);
+      close(saved_);
+    }
+  }
+  SilenceStderr(const SilenceStderr&) = delete;
+  SilenceStderr& operator=(const SilenceStderr&) = delete;
+
+ private:
+  int saved_ = -1;
+};
+
+// --- images ---------------------------------------------------------------------------------------------------------
+
+struct Image {
+  torch::Tensor rgb;  // (1, 3, H, W) float32 in [0, 1], CPU
+  bool sixteen_bit = false;
+};
+
+// As tur_ext.data.io.read_image: 8/16-bit scaled by their full range, float clamped, gray repeated, alpha dropped.
+Image read_image(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) fail(kInputError, "--input " + in_quotes(path) + ": no such file");
+  cv::Mat img;
+  try {
+    SilenceStderr quiet;
+    img = cv::imread(path, cv::IMREAD_UNCHANGED);
+  } catch (const cv::Exception& e) {
+    fail(kInputError, "--input " + in_quotes(path) + ": cannot read image: " + first_line(e.what()));
+  }
+  if (img.empty()) fail(kInputError, "--input " + in_quotes(path) + ": not a readable image (PNG, JPEG, TIFF, ...)");
+  const int channels = img.channels();
+  if (channels < 1 || channels > 4)
+    fail(kInputError, "--input " + in_quotes(path) + ": unsupported channel count " + std::to_string(channels));
+  Image out;
+  torch::Tensor t;
+  const int depth = img.depth();
+  cv::Mat c = img.isContinuous() ? img : img.clone();
+  if (depth == CV_8U) {
+    t = torch::from_blob(c.data, {c.rows, c.cols, channels}, torch::kUInt8).to(torch::kFloat) / 255.0;
+  } else if (depth == CV_16U) {
+    cv::Mat wide;
+    c.convertTo(wide, CV_32S);  // exact; int32 has full support in torch
+    t = torch::from_blob(wide.data, {c.rows, c.cols, channels}, torch::kInt).to(torch::kFloat) / 65535.0;
+    out.sixteen_bit = true;
+  } else if (depth == CV_32F || depth == CV_64F) {
+    cv::Mat f;
+    c.convertTo(f, CV_32F);
+    t = torch::from_blob(f.data, {c.rows, c.cols, channels}, torch::kFloat).clone().clamp(0.0, 1.0);
+  } else {
+    fail(kInputError, "--input " + in_quotes(path) + ": unsupported pixel type (expected 8- or 16-bit, or float)");
+  }
+  if (channels <= 2) {
+    t = t.narrow(2, 0, 1).expand({-1, -1, 3});  // gray (+ alpha) -> RGB
+  } else {
+    t = t.narrow(2, 0, 3).flip({2});  // OpenCV's BGR(A) -> RGB
+  }
+  out.rgb = t.permute({2, 0, 1}).unsqueeze(0).contiguous();
+  return out;
+}
+
+bool holds_sixteen_bit(const std::string& path) {
+  auto ext = lower(fs::path(path).extension().string());
+  return ext == ".png" || ext == ".tif" || ext == ".tiff";
+}
+
+// Checked before the (possibly long) inference: a format OpenCV can write, and a folder we can create a file in.
+void check_output(const std::string& path) {
+  if (!cv::haveImageWriter(path))
+    fail(kOutputError, "--output " + in_quotes(path) + ": unsupported image format " +
+                           in_quotes(fs::path(path).extension().string()) + " (use .png, .jpg or .tif)");
+  fs::path parent = fs::path(path).parent_path();
+  std::error_code ec;
+  if (!parent.empty() && !fs::is_directory(parent, ec)) {
+    fs::create_directories(parent, ec);
+    if (ec) fail(kOutputError, "--output " + in_quotes(path) + ": cannot create its folder: " + ec.message());
+  }
+  if (fs::is_directory(path, ec)) fail(kOutputError, "--output " + in_quotes(path) + ": is a folder");
+  fs::path probe = (parent.empty() ? fs::path(".") : parent) / (".tur-restore-probe-" + std::to_string(getpid()));
+  std::ofstream f(probe);
+  if (!f) fail(kOutputError, "--output " + in_quotes(path) + ": cannot write in " + in_quotes(probe.parent_path()));
+  f.close();
+  fs::remove(probe, ec);
+}
+
+// Float RGB in [0, 1] (1, 3, H, W) -> file, atomically (temporary file in the same folder, then rename).
+void write_image(const std::string& path, const torch::Tensor& rgb, bool sixteen_bit) {
+  const double scale = sixteen_bit ? 65535.0 : 255.0;
+  // round(clip(x, 0, 1) * scale) in float32, ties to even: the same arithmetic as tur_ext.inference.to_file_pixels.
+  auto hwc = (rgb[0].to(torch::kCPU, torch::kFloat).clamp(0.0, 1.0) * scale).round();
+  hwc = hwc.flip({0}).permute({1, 2, 0}).to(torch::kInt).contiguous();  // RGB -> BGR, HxWx3
+  const int rows = static_cast<int>(hwc.size(0)), cols = static_cast<int>(hwc.size(1));
+  cv::Mat wide(rows, cols, CV_32SC3, hwc.data_ptr<int32_t>());
+  cv::Mat pixels;
+  wide.convertTo(pixels, sixteen_bit ? CV_16U : CV_8U);  // exact: the values are integers in range
+  fs::path target(path);
+  fs::path tmp = target.parent_path() /
+                 ("." + target.stem().string() + ".tmp-" + std::to_string(getpid()) + target.extension().string());
+  bool ok = false;
+  std::string why;
+  try {
+    SilenceStderr quiet;
+    ok = cv::imwrite(tmp.string(), pixels);
+  } catch (const cv::Exception& e) {
+    why = first_line(e.what());
+  }
+  std::error_code ec;
+  if (!ok) {
+    fs::remove(tmp, ec);
+    fail(kOutputError, "--output " + in_quotes(path) + ": cannot write the image" + (why.empty() ? "" : ": " + why));
+  }
+  fs::permissions(tmp, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read |
+                           fs::perms::others_read, ec);
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    fail(kOutputError, "--output " + in_quotes(path) + ": cannot write the image: " + ec.message());
+  }
+}
+
+// --- models ---------------------------------------------------------------------------------------------------------
+
+constexpr const char* kMetadataRecord = "extra/tur_meta.json";  // TorchScript extra file (tur_ext/export.py)
+constexpr const char* kMetadataKey = "tur_meta";                 // AOTInductor package metadata key
+
+enum class Artifact { TorchScript, Aoti };
+
+struct Metadata {
+  Artifact artifact = Artifact::TorchScript;
+  std::string arch, channel_order = "RGB", dtype = "float32", device = "cpu", torch_version, torchscript_mode;
+  int64_t size_multiple = 1, in_channels = 3, max_side = 0;  // max_side 0: no limit
+  double lo = 0.0, hi = 1.0;
+  bool supports_fp16 = false;
+};
+
+std::string model_error_prefix(const std::string& path) { return "--model " + in_quotes(path) + ": "; }
+
+Metadata parse_metadata(const std::string& path, const std::string& text, Artifact artifact) {
+  tur::json::Value v;
+  try {
+    v = tur::json::parse(text);
+  } catch (const std::exception& e) {
+    fail(kModelError, model_error_prefix(path) + "unreadable tur_ext metadata: " + e.what());
+  }
+  auto str = [&](const char* key) -> std::string {
+    const auto* f = v.find(key);
+    if (!f || f->type != tur::json::Value::Type::String)
+      fail(kModelError, model_error_prefix(path) + "metadata has no string " + in_quotes(key));
+    return f->string;
+  };
+  auto num = [&](const char* key) -> double {
+    const auto* f = v.find(key);
+    if (!f || f->type != tur::json::Value::Type::Number)
+      fail(kModelError, model_error_prefix(path) + "metadata has no number " + in_quotes(key));
+    return f->number;
+  };
+  if (v.type != tur::json::Value::Type::Object || !v.find("format") || str("format") != "tur_ext.export")
+    fail(kModelError, model_error_prefix(path) + "no tur_ext export metadata (export the model with `tur export`)");
+  if (num("format_version") > 1)
+    fail(kModelError, model_error_prefix(path) + "export format version " +
+                          std::to_string(static_cast<int>(num("format_version"))) +
+                          " is newer than this runner reads (1)");
+  Metadata m;
+  m.artifact = artifact;
+  m.arch = str("arch");
+  m.size_multiple = static_cast<int64_t>(num("size_multiple"));
+  m.in_channels = v.find("in_channels") ? static_cast<int64_t>(num("in_channels")) : 3;
+  m.channel_order = str("channel_order");
+  m.dtype = str("dtype");
+  m.device = str("device");
+  m.torch_version = str("torch_version");
+  if (const auto* f = v.find("torchscript_mode"); f && f->type == tur::json::Value::Type::String)
+    m.torchscript_mode = f->string;
+  if (const auto* f = v.find("max_side"); f && f->type == tur::json::Value::Type::Number)
+    m.max_side = static_cast<int64_t>(f->number);
+  if (const auto* f = v.find("supports_fp16"); f && f->type == tur::json::Value::Type::Bool)
+    m.supports_fp16 = f->boolean;
+  const auto* range = v.find("value_range");
+  if (!range || range->type != tur::json::Value::Type::Array || range->array.size() != 2 ||
+      range->array[0].type != tur::json::Value::Type::Number || range->array[1].type != tur::json::Value::Type::Number)
+    fail(kModelError, model_error_prefix(path) + "metadata value_range must be [low, high]");
+  m.lo = range->array[0].number;
+  m.hi = range->array[1].number;
+  if (!(m.hi > m.lo)) fail(kModelError, model_error_prefix(path) + "metadata value_range must be increasing");
+  if (m.size_multiple < 1) fail(kModelError, model_error_prefix(path) + "metadata size_multiple must be >= 1");
+  if (m.channel_order != "RGB" && m.channel_order != "BGR")
+    fail(kModelError, model_error_prefix(path) + "metadata channel_order must be RGB or BGR");
+  if (m.in_channels != 3)
+    fail(kModelError, model_error_prefix(path) + "the runner restores 3-channel images; the model takes " +
+                          std::to_string(m.in_channels));
+  return m;
+}
+
+std::string release(const std::string& version) { return version.substr(0, version.find('+')); }
+
+// What the file is, from its archive records, and its metadata; nothing is loaded yet.
+Metadata inspect_model(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) fail(kModelError, model_error_prefix(path) + "no such file");
+  std::vector<std::string> records;
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
+  try {
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+    records = reader->getAllRecords();
+  } catch (const std::exception&) {
+    fail(kModelError, model_error_prefix(path) + "not a model (expected a TorchScript .pt or an AOTInductor .pt2 "
+                                                 "written by `tur export`)");
+  }
+  auto has = [&](const std::string& name) { return std::find(records.begin(), records.end(), name) != records.end(); };
+  bool aoti = std::any_of(records.begin(), records.end(),
+                          [](const std::string& r) { return r.rfind("data/aotinductor/", 0) == 0; });
+  if (aoti) {
+    std::unordered_map<std::string, std::string> entries;
+    try {
+      entries = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+    } catch (const std::exception& e) {
+      fail(kModelError, model_error_prefix(path) + "unreadable AOTInductor package: " + first_line(e.what()));
+    }
+    auto it = entries.find(kMetadataKey);
+    if (it == entries.end())
+      fail(kModelError, model_error_prefix(path) + "an AOTInductor package without tur_ext metadata (export the "
+                                                   "model with `tur export`)");
+    Metadata m = parse_metadata(path, it->second, Artifact::Aoti);
+    if (release(m.torch_version) != release(TORCH_VERSION))
+      fail(kModelError, model_error_prefix(path) + "compiled by torch " + m.torch_version + ", but this runner uses "
+                        "torch " + TORCH_VERSION + "; an AOTInductor package only loads with the torch release that "
+                        "compiled it - re-export it with this torch (`tur export ... --format aoti`), or use the "
+                        "TorchScript export");
+    return m;
+  }
+  if (has(kMetadataRecord)) {
+    auto [data, size] = reader->getRecord(kMetadataRecord);
+    std::string text(static_cast<const char*>(data.get()), size);
+    return parse_metadata(path, text, Artifact::TorchScript);
+  }
+  if (has("constants.pkl"))
+    fail(kModelError, model_error_prefix(path) + "a TorchScript file without tur_ext metadata (export the model with "
+                                                 "`tur export`)");
+  if (has("data.pkl"))
+    fail(kModelError, model_error_prefix(path) + "a training checkpoint, not an exported model; export it first: "
+                                                 "tur export " + path + " --format torchscript --out model.pt");
+  fail(kModelError, model_error_prefix(path) + "not a model (expected a TorchScript .pt or an AOTInductor .pt2 "
+                                               "written by `tur export`)");
+}
+
+// The dtype to run in, or an error saying why the request cannot be met (tur_ext.export._resolve_dtype).
+torch::ScalarType resolve_dtype(const Metadata& m, const torch::Device& device, bool half, const std::string& path) {
+  if (half) {
+    if (!m.supports_fp16)
+      fail(kUsageError, "--half: " + m.arch + " (" + in_quotes(path) + ") declares that it does not support fp16");
+    if (!device.is_cuda()) fail(kUsageError, "--half: fp16 inference needs --device cuda");
+  }
+  if (m.artifact == Artifact::Aoti || m.torchscript_mode == "trace") {
+    if (half && m.dtype != "float16")
+      fail(kUsageError, "--half: " + in_quotes(path) + " was exported in " + m.dtype + "; export it with --half for fp16");
+    if (m.dtype == "float16" && !device.is_cuda())
+      fail(kUsageError, "--device: " + in_quotes(path) + " was exported in fp16, which needs --device cuda");
+    return m.dtype == "float16" ? torch::kHalf : torch::kFloat;
+  }
+  return half ? torch::kHalf : torch::kFloat;
+}
+
+class Model {
+ public:
+  Model(const std::string& path, const Metadata& meta, const torch::Device& device, torch::ScalarType dtype)
+      : meta_(meta), device_(device), dtype_(dtype) {
+    try {
+      if (meta.artifact == Artifact::Aoti) {
+        if ((meta.device == "cuda") != device.is_cuda())
+          fail(kUsageError, "--device: " + in_quotes(path) + " was compiled for " + meta.device +
+                                "; an AOTInductor package only runs on the device type it was compiled for");
+        aoti_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+            path, "model", false, 1, device.is_cuda() ? device.index() : static_cast<c10::DeviceIndex>(-1));
+      } else {
+        module_ = torch::jit::load(path, device);
+        module_.eval();
+        module_.to(dtype);
+      }
+    } catch (const c10::Error& e) {
+      fail(kModelError, model_error_prefix(path) + "cannot load: " + first_line(e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      fail(kModelError, model_error_prefix(path) + "cannot load: " + first_line(e.what()));
+    }
+  }
+
+  int64_t size_multiple() const { return meta_.size_multiple; }
+
+  // (B, C, H, W) with H, W multiples of the size multiple -> the model's output, in its dtype.
+  torch::Tensor operator()(const torch::Tensor& x) {
+    auto in = x.to(device_, dtype_).contiguous();
+    if (aoti_) return aoti_->run({in}).at(0);
+    return module_.forward({in}).toTensor();
+  }
+
+  // Value range and channel order of the model (tur_ext.inference.Restorer._to_model / _from_model).
+  torch::Tensor to_model(torch::Tensor x) const {
+    if (meta_.lo != 0.0 || meta_.hi != 1.0) x = x * (meta_.hi - meta_.lo) + meta_.lo;
+    return meta_.channel_order == "BGR" ? x.flip({1}) : x;
+  }
+  torch::Tensor from_model(torch::Tensor y) const {
+    y = y.to(torch::kFloat);
+    if (meta_.channel_order == "BGR") y = y.flip({1});
+    if (meta_.lo != 0.0 || meta_.hi != 1.0) y = (y - meta_.lo) / (meta_.hi - meta_.lo);
+    return y.clamp(0.0, 1.0);
+  }
+
+ private:
+  Metadata meta_;
+  torch::Device device_;
+  torch::ScalarType dtype_;
+  torch::jit::Module module_;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> aoti_;
+};
+
+torch::Tensor restore(Model& model, const torch::Tensor& rgb, const torch::Device& device,
+                      const std::optional<std::pair<int64_t, int64_t>>& tiling) {
+  const int64_t h = rgb.size(-2), w = rgb.size(-1);
+  auto x = model.to_model(rgb.to(device, torch::kFloat));
+  auto padded = tur::pad_to_multiple(x, model.size_multiple());
+  auto fn = [&](const torch::Tensor& t) { return model(t); };
+  auto out = tiling ? tur::run_tiled(fn, padded, tiling->first, tiling->second) : fn(padded);
+  return model.from_model(out.narrow(-2, 0, h).narrow(-1, 0, w));
+}
+
+// Peak resident memory of this process (VmHWM; unlike getrusage it does not count the parent's pages before exec).
+double peak_rss_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // reported in kB
+  return -1.0;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int run(int argc, char** argv) {
+  // A short-lived process that allocates and frees the same large activations for every run and tile: keep freed
+  // memory in the heap for reuse instead of unmapping it (on CPU every fresh mapping costs a page fault per 4 KiB on
+  // first touch: 2-3x the time of a 1024x1024 restoration). The price is heap fragmentation: the peak resident
+  // memory of a whole 1024x1024 image grows (TorchScript about 1.0 -> 2.1 GiB, AOTInductor 0.65 -> 0.9 GiB with
+  // nafnet-tiny); tiling bounds it (about 0.35 GiB). Memory goes back to the OS at exit.
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, -1);
+  const Options opt = parse_args(argc, argv);
+  const torch::Device device = parse_device(opt.device);
+  c10::InferenceMode guard;
+
+  Image image = read_image(opt.input);
+  check_output(opt.output);
+  Metadata meta = inspect_model(opt.model);
+  std::optional<std::pair<int64_t, int64_t>> tiling;
+  try {
+    tiling = tur::resolve_tiling(opt.tile, opt.overlap, meta.size_multiple);
+  } catch (const tur::TilingError& e) {
+    fail(kUsageError, e.option + ": " + e.what());
+  }
+  const torch::ScalarType dtype = resolve_dtype(meta, device, opt.half, opt.model);
+  if (meta.max_side > 0) {  // what the model will see: the padded image, or a tile of it
+    const int64_t m = meta.size_multiple;
+    const int64_t side = std::max(tur::round_up(image.rgb.size(-2), m), tur::round_up(image.rgb.size(-1), m));
+    const int64_t fed = tiling ? std::min(tiling->first, side) : side;
+    if (fed > meta.max_side)
+      fail(kUsageError, std::string(tiling ? "--tile" : "--input") + ": " + in_quotes(opt.model) +
+                            " accepts sides up to " + std::to_string(meta.max_side) + " pixels; use --tile " +
+                            std::to_string(meta.max_side / m * m) + " or smaller");
+  }
+
+  auto t0 = std::chrono::steady_clock::now();
+  Model model(opt.model, meta, device, dtype);
+  const double load_ms = ms_since(t0);
+
+  torch::Tensor result;
+  try {
+    t0 = std::chrono::steady_clock::now();
+    result = restore(model, image.rgb, device, tiling);
+    if (device.is_cuda()) torch::cuda::synchronize();
+    const double first_ms = ms_since(t0);
+    if (opt.benchmark > 0) {
+      std::vector<double> times;
+      for (int64_t i = 0; i < opt.benchmark; ++i) {
+        t0 = std::chrono::steady_clock::now();
+        result = restore(model, image.rgb, device, tiling);
+        if (device.is_cuda()) torch::cuda::synchronize();
+        times.push_back(ms_since(t0));
+      }
+      std::sort(times.begin(), times.end());
+      std::fprintf(stderr,
+                   "tur-restore: timing load_ms=%.3f first_ms=%.3f median_ms=%.3f min_ms=%.3f runs=%lld "
+                   "peak_rss_mib=%.1f\n",
+                   load_ms, first_ms, times[times.size() / 2], times.front(), static_cast<long long>(times.size()),
+                   peak_rss_mib());
+    }
+  } catch (const c10::Error& e) {
+    fail(kFailed, "inference failed: " + first_line(e.what_without_backtrace()));
+  }
+  const bool sixteen = image.sixteen_bit && holds_sixteen_bit(opt.output);
+  write_image(opt.output, result, sixteen);
+  std::cout << "tur-restore: wrote " << opt.output << " (" << result.size(-2) << "x" << result.size(-1) << ", "
+            << (sixteen ? 16 : 8) << "-bit)\n";
+  return kOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const RunnerError& e) {
+    std::cerr << "tur-restore: error: " << e.message << "\n";
+    return e.code;
+  } catch (const c10::Error& e) {
+    std::cerr << "tur-restore: error: " << first_line(e.what_without_backtrace()) << "\n";
+    return kFailed;
+  } catch (const cv::Exception& e) {
+    std::cerr << "tur-restore: error: " << first_line(e.what()) << "\n";
+    return kFailed;
+  } catch (const std::exception& e) {
+    std::cerr << "tur-restore: error: " << first_line(e.what()) << "\n";
+    return kFailed;
+  }
+}

@@ -1,0 +1,247 @@
+"""The deployment subcommands of ``tur``: ``export`` and ``restore``.
+
+    tur export CHECKPOINT --format torchscript|aoti --out PATH [--device cpu|cuda] [--half] [--no-ema]
+    tur export --arch NAME --weights FILE [--config KEY=VALUE ...] [--tasks SET|A,B,..] --format ... --out PATH
+    tur restore --model PATH IMAGES... --out DIR [--tile N [--overlap M]] [--device cpu|cuda] [--half]
+
+:func:`register` adds both to the ``tur`` parser's subparsers (dispatch through :data:`COMMANDS` or the ``func``
+default each subparser sets); :func:`main` runs them on their own (``python -m tur_ext.deploy_cli export ...``).
+Exit status: 0 ok, 1 an error (its one-line message on stderr), 2 a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+__all__ = ["COMMANDS", "cmd_export", "cmd_restore", "deploy_demo", "find_runner", "main", "register"]
+
+
+def _parse_config(items: Sequence[str]) -> Dict[str, Any]:
+    import yaml
+
+    config: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config: expected KEY=VALUE, got {item!r}")
+        try:
+            config[key.strip()] = yaml.safe_load(value)  # so that enc_blocks=[1,1] and width=16 get their types
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config: cannot parse the value of {item!r}: {exc}") from None
+    return config
+
+
+def _parse_tasks(value: Optional[str]) -> Optional[List[str]]:
+    from .tasks import TASK_SETS, TaskSet
+
+    if value is None:
+        return None
+    if value in TASK_SETS:
+        return list(TaskSet(value))
+    return list(TaskSet([t.strip() for t in value.split(",") if t.strip()]))
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add the ``export`` and ``restore`` subcommands to ``subparsers`` (each sets ``func`` to its command)."""
+    e = subparsers.add_parser(
+        "export", help="export a model to TorchScript (.pt) or AOTInductor (.pt2) for deployment",
+        description="Export the backbone (uncertainty head stripped, eval mode) with its metadata, after checking "
+                    "that the artifact reproduces the eager model (max abs <= 1e-4 in fp32) at two sizes.")
+    e.add_argument("checkpoint", nargs="?", default=None,
+                   help="a tur_ext training checkpoint or run folder (or use --arch and --weights)")
+    e.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")
+    e.add_argument("--weights", default=None,
+                   help="weights from elsewhere: a state dict, BasicSR (params/params_ema) or Lightning checkpoint")
+    e.add_argument("--config", dest="config", action="append", default=[], metavar="KEY=VALUE",
+                   help="model configuration override for --arch, e.g. --config width=16 (repeatable)")
+    e.add_argument("--tasks", default=None,
+                   help="task names the weights were trained on (a set name such as 3task, or a,b,c); "
+                        "checkpoints carry their own")
+    e.add_argument("--format", required=True, choices=("torchscript", "aoti"), help="artifact format")
+    e.add_argument("--out", required=True, help="output file (.pt for torchscript, .pt2 for aoti)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (AOTInductor packages run only there)")
+    e.add_argument("--half", action="store_true", help="export in fp16 (CUDA only)")
+    e.add_argument("--no-ema", action="store_true", help="export a checkpoint's params instead of params_ema")
+    e.set_defaults(func=cmd_export)
+
+    r = subparsers.add_parser(
+        "restore", help="restore image files with an exported model or a training checkpoint",
+        description="Writes each result as OUT/<input file name>. Images are reflect-padded to the model's size "
+                    "multiple and cropped back; with --tile they are processed in overlapping tiles blended with "
+                    "linear ramps (see tur_ext.inference; the C++ runner tur-restore does exactly the same).")
+    r.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, ...; 8- or 16-bit; gray or color)")
+    r.add_argument("--model", required=True, help="a .pt (TorchScript), .pt2 (AOTInductor) or training checkpoint")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--tile", type=int, default=None,
+                   help="tile size in pixels (rounded down to the size multiple; 0 or absent: whole image)")
+    r.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default min(32, tile/2))")
+    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    r.add_argument("--half", action="store_true", help="fp16 inference (CUDA only, models that support it)")
+    r.add_argument("--no-ema", action="store_true", help="for a training checkpoint: use params, not params_ema")
+    r.set_defaults(func=cmd_restore)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_aoti, export_torchscript, model_from_checkpoint, model_from_weights
+
+    from_weights = args.arch is not None or args.weights is not None
+    if from_weights and args.checkpoint is not None:
+        raise ValueError("export: give either CHECKPOINT or --arch with --weights, not both")
+    if from_weights:
+        if args.arch is None or args.weights is None:
+            raise ValueError("export: --arch and --weights go together")
+        if not Path(args.weights).is_file():
+            raise FileNotFoundError(f"--weights: no such file {args.weights!r}")
+        model = model_from_weights(args.arch, args.weights, _parse_config(args.config))
+        tasks = _parse_tasks(args.tasks)
+    else:
+        if args.checkpoint is None:
+            raise ValueError("export: expected a CHECKPOINT (file or run folder), or --arch NAME --weights FILE")
+        if args.config:
+            raise ValueError("--config: only with --arch (a checkpoint carries its model configuration)")
+        model, tasks = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
+        if args.tasks is not None:
+            tasks = _parse_tasks(args.tasks)
+    exporter = export_torchscript if args.format == "torchscript" else export_aoti
+    started = time.perf_counter()
+    result = exporter(model, args.out, tasks=tasks, device=args.device, half=args.half)
+    meta = result.metadata
+    parity = ", ".join(f"{v:.2g} at {k}" for k, v in result.parity.items())
+    print(f"[tur] wrote {result.path} ({args.format}, {meta['arch']}, size multiple {meta['size_multiple']}, "
+          f"{meta['dtype']} on {meta['device']}) in {time.perf_counter() - started:.1f} s; "
+          f"parity vs eager (max abs): {parity}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .inference import load_restorer, resolve_tiling, restore_files
+
+    tile = None if args.tile == 0 else args.tile
+    if tile is not None and tile < 0:
+        raise ValueError(f"--tile: expected a positive number of pixels (or 0 for none), got {tile}")
+    if tile is None and args.overlap is not None:
+        raise ValueError("--overlap: only meaningful with --tile")
+    restorer = load_restorer(args.model, device=args.device, half=args.half, use_ema=not args.no_ema)
+    try:
+        resolve_tiling(tile, args.overlap, restorer.size_multiple)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None  # "tile: ..." -> "--tile: ...": name the option the user typed
+    written = restore_files(restorer, args.images, args.out, tile=tile, overlap=args.overlap,
+                            progress=lambda src, dst: print(f"[tur] {src} -> {dst}", flush=True))
+    print(f"[tur] restored {len(written)} image(s) into {args.out}")
+    return 0
+
+
+def find_runner() -> Optional[Path]:
+    """The tur-restore executable: ``$TUR_RESTORE``, else ``build/tur-restore`` of the source tree, else ``PATH``."""
+    import shutil
+
+    env = os.environ.get("TUR_RESTORE")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1] / "build" / "tur-restore")
+    found = shutil.which("tur-restore")
+    if found:
+        candidates.append(Path(found))
+    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def deploy_demo(checkpoint: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
+                formats: Sequence[str] = ("torchscript", "aoti"), log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """The deployment step of ``tur demo``: export a trained checkpoint, restore a held-out image with the runner.
+
+    Exports ``checkpoint`` to ``out_dir/model.pt`` and ``out_dir/model.pt2``, degrades the held-out ``coffee`` photo
+    (Gaussian noise, sigma 25) into ``out_dir/coffee_noisy.png``, restores it with the C++ runner for each format
+    (``out_dir/coffee_restored_<format>.png``; with ``tur restore`` when the runner is not built) and compares with
+    ``tur restore``. Returns the export parity, the runner-vs-Python max difference (uint8 levels) and PSNRs.
+    """
+    import subprocess
+
+    import numpy as np
+    from skimage import data as skdata
+
+    from .data.degradations import gaussian_noise
+    from .data.io import read_image, write_image
+    from .export import export_aoti, export_torchscript, model_from_checkpoint
+    from .inference import load_restorer, to_file_pixels
+    from .metrics import psnr
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tasks = model_from_checkpoint(checkpoint)
+    clean = skdata.coffee()[:256, 128:448].astype(np.float32) / 255.0  # held out of the quickstart's training set
+    noisy = gaussian_noise(clean, 25.0, np.random.default_rng(0))
+    noisy_path = out / "coffee_noisy.png"
+    write_image(noisy_path, noisy)
+    noisy = read_image(noisy_path)  # what the runner will see: 8-bit
+    runner = find_runner()
+    summary: Dict[str, Any] = {"noisy": str(noisy_path), "psnr_noisy": psnr(noisy, clean), "runner": str(runner)}
+    exporters = {"torchscript": (export_torchscript, "model.pt"), "aoti": (export_aoti, "model.pt2")}
+    for fmt in formats:
+        exporter, name = exporters[fmt]
+        started = time.perf_counter()
+        result = exporter(model, out / name, tasks=tasks)
+        parity = max(result.parity.values())
+        log(f"[tur] demo: exported {result.path} ({fmt}) in {time.perf_counter() - started:.0f} s; parity vs eager "
+            f"{parity:.2g} (max abs)")
+        python_out = to_file_pixels(load_restorer(result.path).restore_image(noisy), 8)
+        restored_path = out / f"coffee_restored_{fmt}.png"
+        if runner is not None:
+            proc = subprocess.run([str(runner), "--model", str(result.path), "--input", str(noisy_path),
+                                   "--output", str(restored_path)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ValueError(f"tur-restore failed on {noisy_path}: {proc.stderr.strip()}")
+            runner_out = (read_image(restored_path) * 255.0).round().astype(np.int64)
+            diff = int(np.abs(runner_out - python_out.astype(np.int64)).max())
+            log(f"[tur] demo: tur-restore wrote {restored_path}; runner vs `tur restore`: max {diff} level(s) in 255")
+        else:
+            write_image(restored_path, python_out)
+            diff = None
+            log(f"[tur] demo: the C++ runner is not built (`make runner`); `tur restore` wrote {restored_path}")
+        restored = read_image(restored_path)
+        summary[fmt] = {"path": str(result.path), "parity_max_abs": parity, "output": str(restored_path),
+                        "runner_vs_python_max_levels": diff, "psnr": psnr(restored, clean)}
+        log(f"[tur] demo: PSNR on the held-out image: noisy {summary['psnr_noisy']:.2f} dB -> restored "
+            f"{summary[fmt]['psnr']:.2f} dB")
+    return summary
+
+
+#: Subcommand name -> handler, for a dispatcher keyed by ``args.command``.
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"export": cmd_export, "restore": cmd_restore}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``export`` or ``restore`` (``argv`` without the program name); returns the exit status."""
+    parser = _Parser(prog="tur", description="tur_ext deployment: export and restore")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    register(sub)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"tur {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tur {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
