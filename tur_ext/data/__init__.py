@@ -154,6 +154,13 @@ test_y_channel=False)``, ``ssim_basicsr(...)``, ``psnr_promptir(img, ref)``, ``s
 "promptir" = RGB float, scikit-image defaults (what PromptIR reports); "basicsr" = 8-bit, crop_border, optional Y,
 11x11 Gaussian SSIM (what BasicSR / MATLAB report). Identical images give PSNR ``inf``.
 """
+import cv2 as _cv2
+
+# OpenCV's thread pool does not survive fork(): a DataLoader worker that touches it (or resizes it) can hang on a
+# lock a parent thread held at fork time. Loader workers parallelise the image work instead, so OpenCV runs
+# sequentially in every process that uses this package's data pipeline.
+_cv2.setNumThreads(0)
+
 from .build import (build_eval_dataset, build_eval_loader, build_train_dataset, build_train_loader,
                     dataset_summary)
 from .datasets import (EVAL_IMAGES, TRAIN_IMAGES, CleanEvalDataset, CleanTrainDataset, CombinedDataset,

@@ -100,10 +100,8 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
 
 def worker_init_fn(worker_id: int) -> None:
     """Seed numpy's and Python's global generators from the worker's torch seed (distinct per worker and per
-    loader generator) and keep OpenCV to one thread so workers do not oversubscribe the cores."""
-    import cv2
-
+    loader generator). OpenCV is already sequential here (see tur_ext.data.io): reconfiguring its thread pool in a
+    forked worker can hang on a lock that a parent thread held at fork time."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)
