@@ -72,6 +72,7 @@ struct CpuLoss {
     at::parallel_for(0, num_chunks(), 1, [&](int64_t c0, int64_t c1) {
       acc_t E[CHUNK];
       acc_t R[CHUNK];
+      acc_t V[CHUNK];  // 1 / U_k: one division per position, shared by every formula below
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t q0 = c * CHUNK, len = std::min(CHUNK, Q - q0);
         for (int64_t k = 0; k < K; ++k) {
@@ -79,8 +80,9 @@ struct CpuLoss {
           const acc_t* U = task_unc + k * Q + q0;
           const TaskCoeffs<acc_t> ck = coeffs[k];
           std::fill(E, E + len, acc_t(0));
+          for (int64_t q = 0; q < len; ++q) V[q] = acc_t(1) / U[q];
           if (want_grad) {
-            for (int64_t q = 0; q < len; ++q) R[q] = ck.grad_pred_scale / U[q];
+            for (int64_t q = 0; q < len; ++q) R[q] = ck.grad_pred_scale * V[q];
           }
           for (int64_t j = offsets[k]; j < offsets[k + 1]; ++j) {
             const int64_t i = order[j];
@@ -105,13 +107,13 @@ struct CpuLoss {
           double ws = 0.0, es = 0.0;
 #pragma omp simd reduction(+ : ws, es)
           for (int64_t q = 0; q < len; ++q) {
-            ws += static_cast<double>(E[q] / U[q]);
+            ws += static_cast<double>(E[q] * V[q]);
             es += static_cast<double>(E[q]);
           }
           wsum_part[c * K + k] = ws;
           esum_part[c * K + k] = es;
           if (!want_grad) continue;
-          for (int64_t q = 0; q < len; ++q) R[q] = ck.grad_u_err * E[q] / (U[q] * U[q]) + ck.grad_u_reg;
+          for (int64_t q = 0; q < len; ++q) R[q] = ck.grad_u_err * E[q] * V[q] * V[q] + ck.grad_u_reg;
           for (int64_t j = offsets[k]; j < offsets[k + 1]; ++j) {
             scalar_t* gu = grad_unc + order[j] * Q + q0;
             for (int64_t q = 0; q < len; ++q) gu[q] = static_cast<scalar_t>(R[q]);
