@@ -11,7 +11,7 @@ CSRC := $(shell find csrc -type f)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: setup test bench cuda-check demo cpp-test runner clean
+.PHONY: setup test bench cuda-check demo cpp-test runner study clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,10 @@ cpp-test: setup
 	$(CMAKE_CONFIGURE)
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+
+# The default fidelity study (about 35 min on 2 cores): benchmarks/fidelity/study.md was made by it.
+study: setup
+	$(PYTHON) -m tur_ext study configs/study_cpu.yaml --out runs/study
 
 # The C++ runner build/tur-restore (needs OpenCV's Debian packages: see .ci/run).
 CMAKE_CONFIGURE = cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \

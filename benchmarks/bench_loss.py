@@ -71,7 +71,7 @@ def test_loss_forward_backward(benchmark, config, variant):
         # DESIGN.md §2 floor: read pred, target, uncertainty once, write grad_pred and grad_uncertainty once.
         min_bytes=(3 * n + 2 * nu) * pred.element_size(),
     )
-    benchmark.pedantic(step, rounds=8 if DEVICE == "cpu" else 50, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=20 if DEVICE == "cpu" else 50, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
@@ -90,7 +90,7 @@ def test_copy_bandwidth(benchmark, config):
     benchmark.extra_info.update(
         variant="copy", B=B, size=S, K=K, Cu=Cu, device=DEVICE, copy_bytes=2 * count * src.element_size()
     )
-    benchmark.pedantic(copy, rounds=8 if DEVICE == "cpu" else 50, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(copy, rounds=20 if DEVICE == "cpu" else 50, iterations=1, warmup_rounds=1)
 
 
 def test_baselines_agree_with_fused():

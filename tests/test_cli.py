@@ -91,7 +91,7 @@ def test_train_resume_eval_options_and_report_in_process(tmp_path, config_file, 
 
 def test_demo_compares_tur_and_l1(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2", *_sets(TINY_SETS)]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "2", "--no-deploy", *_sets(TINY_SETS)]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["tur", "l1"]
@@ -114,7 +114,7 @@ def test_demo_compares_tur_and_l1(tmp_path, capsys):
 
     # One after the other in this process (--jobs 1) trains the same two runs as side by side.
     seq = tmp_path / "demo_seq"
-    assert main(["demo", "--out", str(seq), "--steps", "2", "--jobs", "1", *_sets(TINY_SETS)]) == 0
+    assert main(["demo", "--out", str(seq), "--steps", "2", "--jobs", "1", "--no-deploy", *_sets(TINY_SETS)]) == 0
     again = json.loads((seq / "metrics.json").read_text())
     for loss in ("tur", "l1"):
         for t in TASKS:

@@ -12,6 +12,9 @@ and returning ``(loss, logs)``: the scalar to back-propagate and a dict of detac
 Registry (``build_loss(name, tasks, **cfg)``):
 
     tur   Task Uncertainty Regularization, the fused op (``tur_ext.TaskUncertaintyLoss``); needs the uncertainty map.
+          Study knobs (defaults = the published method): ``reg_warmup`` N ramps lambda linearly from 0 over the first
+          N training calls (0: off); ``weighting="task"`` weights each task's L1 by the scalar m_k (its mean
+          uncertainty) instead of the per-pixel map U_k(x) (``"pixel"``, the default).
     l1    uniform L1 over the batch: exactly ``F.l1_loss(pred, target)``.
     uw    Kendall, Gal & Cipolla (CVPR 2018) homoscedastic uncertainty weighting: a learned s_k = log sigma_k^2 per
           task, objective (1/M) sum_k [0.5 exp(-s_k) L_k + 0.5 s_k] over the M tasks present. Its parameters are
@@ -96,16 +99,43 @@ class _TaskLoss(nn.Module):
 
 
 class TURLoss(_TaskLoss):
-    """Task Uncertainty Regularization (DESIGN.md §1) through the fused op."""
+    """Task Uncertainty Regularization (DESIGN.md §1) through the fused op.
+
+    ``reg_warmup`` (default 0): lambda_t = reg_weight * min(1, t / reg_warmup) at the t-th training call (t from 0),
+    counted in a buffer so a resumed run continues the ramp; the buffer exists only when the ramp is on, so default
+    checkpoints keep their keys.
+
+    ``weighting="task"``: each sample's uncertainty map is replaced by its own spatial (and channel) mean, one value
+    per sample broadcast to a 1-channel map. Then U_k(x) = (1/n_k) sum_i mean(u_i) + eps = m_k for every x, so
+    wl1_k = l1_k / m_k and reg_k = lambda log m_k, with m_k exactly the mean task uncertainty of the per-pixel form;
+    autograd spreads d/d mean(u_i) evenly over u_i's elements.
+    """
 
     needs_uncertainty = True
     name = "tur"
+    WEIGHTINGS = ("pixel", "task")
 
-    def __init__(self, tasks, eps: float = 1e-6, reg_weight: float = 2.0):
+    def __init__(self, tasks, eps: float = 1e-6, reg_weight: float = 2.0, reg_warmup: int = 0,
+                 weighting: str = "pixel"):
         super().__init__(tasks)
         from .losses import TaskUncertaintyLoss  # the fused op; imported here so the other losses work without it
 
+        if isinstance(reg_warmup, bool) or not isinstance(reg_warmup, int) or reg_warmup < 0:
+            raise ValueError(f"reg_warmup: expected an integer >= 0 (steps), got {reg_warmup!r}")
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {list(self.WEIGHTINGS)}, got {weighting!r}")
         self.inner = TaskUncertaintyLoss(self.tasks, eps=eps, reg_weight=reg_weight)
+        self.reg_weight = float(reg_weight)
+        self.reg_warmup = reg_warmup
+        self.weighting = weighting
+        if reg_warmup > 0:
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def current_reg_weight(self) -> float:
+        """lambda for the next training call."""
+        if self.reg_warmup == 0:
+            return self.reg_weight
+        return self.reg_weight * min(1.0, int(self.calls) / self.reg_warmup)
 
     def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
         if uncertainty is None:
@@ -113,7 +143,15 @@ class TURLoss(_TaskLoss):
                              "build the model with uncertainty=True")
         ids = _as_ids(self.tasks, task_ids, pred.device)
         _check_pair(pred, target, ids)
-        out = self.inner(pred, target, uncertainty, ids)
+        training = self.training and torch.is_grad_enabled()
+        self.inner.reg_weight = self.current_reg_weight() if training else self.reg_weight
+        unc = uncertainty
+        if self.weighting == "task":
+            shape = (unc.shape[0], 1, *unc.shape[2:])
+            unc = unc.flatten(1).mean(1).reshape(-1, *([1] * (unc.dim() - 1))).expand(shape).contiguous()
+        out = self.inner(pred, target, unc, ids)
+        if training and self.reg_warmup > 0:
+            self.calls += 1
         logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
         logs["loss"] = out.per_task_loss.detach().float()
         logs["weighted_l1"] = out.per_task_weighted_l1.detach().float()

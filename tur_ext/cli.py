@@ -4,6 +4,7 @@
     tur eval CHECKPOINT|RUN_DIR [--set data.key=value ...] [--no-ema] [--convention promptir|basicsr] [--out JSON]
     tur report RUN_DIR
     tur demo [--out runs/demo] [--steps N] [--jobs N]
+    tur study CONFIG [--set key=value ...] [--jobs N] [--out DIR]   (fidelity study, see tur_ext.study)
     tur export ... / tur restore ...      (deployment, see tur_ext.deploy_cli)
 
 ``python -m tur_ext ...`` is the same command.
@@ -98,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the quickstart config of both runs")
     d.add_argument("--jobs", type=int, default=None,
                    help="runs trained at the same time, one core each (default: 2 where 2 cores are free)")
+    d.add_argument("--no-deploy", dest="deploy", action="store_false",
+                   help="skip the deployment step (export to TorchScript and AOTI, restore an image with the runner)")
+
+    st = sub.add_parser("study", help="fidelity study: losses x budgets x seeds (+ TUR knobs), tables and plots")
+    st.add_argument("config", help="study YAML (see configs/study_cpu.yaml)")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a study value, e.g. --set seeds=[0,1] or --set base.data.length=200 (repeatable)")
+    st.add_argument("--jobs", type=int, default=None,
+                    help="runs trained at the same time, one core each (default: the free cores)")
+    st.add_argument("--out", default=None, help="study folder (default runs/<study name>); rerun to resume")
 
     from . import deploy_cli  # export / restore: each subparser sets ``func``
 
@@ -264,11 +275,27 @@ def cmd_demo(args) -> int:
     print()
     print("Per-task results on the held-out set (PSNR dB / SSIM, PromptIR convention, EMA weights):")
     print(format_table(results, tasks))
+    if args.deploy:
+        from .deploy_cli import deploy_demo
+
+        print("\n[tur] deployment: the TUR model without its uncertainty head, exported and run on a held-out image")
+        deploy_demo(cfgs["tur"]["output_dir"], out / "deploy")
     print(f"\n[tur] wrote {out / 'metrics.json'} and {report} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+def cmd_study(args) -> int:
+    from .study import load_study, run_study
+
+    study = load_study(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / study["name"]
+    res = run_study(study, out, jobs=args.jobs, log=lambda m: print(m, flush=True))
+    print(f"[tur] study {study['name']}: {res['trained']} run(s) trained, {res['skipped']} already done; "
+          f"see {out / 'study.md'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo, "study": cmd_study}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

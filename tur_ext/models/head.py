@@ -3,8 +3,9 @@
 A :class:`Backbone` splits its forward into ``forward_features`` (the last decoder features, before the output
 convolution) and ``reconstruct`` (features + input -> image). With a head attached (the ``var_conv`` submodule, named
 as in the published TUR code so checkpoints keep their keys) the forward returns ``(image, uncertainty)``; without one
-it returns the image alone. The head reads the same, non-detached features as the output convolution, so the loss on
-the uncertainty also trains the backbone.
+it returns the image alone. By default the head reads the same, non-detached features as the output convolution, so
+the loss on the uncertainty also trains the backbone; ``uncertainty_input`` (a study knob, see
+:data:`HEAD_INPUTS`) makes it read detached features or the degraded input image instead.
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UncertaintyHead", "Backbone", "attach_uncertainty_head", "strip_uncertainty", "HEAD_NAME"]
+__all__ = ["UncertaintyHead", "Backbone", "attach_uncertainty_head", "strip_uncertainty", "HEAD_NAME", "HEAD_INPUTS"]
 
 #: Attribute (and state-dict prefix) of the head inside a backbone.
 HEAD_NAME = "var_conv"
+
+#: What the head reads: ``features`` (the published method: the last decoder features), ``detached`` (the same
+#: features with the gradient stopped, so the uncertainty loss does not shape the backbone), ``input`` (the degraded
+#: input image itself).
+HEAD_INPUTS = ("features", "detached", "input")
 
 
 class UncertaintyHead(nn.Sequential):
@@ -69,6 +75,7 @@ class Backbone(nn.Module):
         self.config: Dict[str, Any] = {}
         # A plain attribute until a head is attached, so the head's keys come after the backbone's in state_dict().
         self.var_conv: Optional[UncertaintyHead] = None
+        self.head_input: str = "features"
 
     @classmethod
     def size_multiple_for(cls, config: Mapping[str, Any]) -> int:
@@ -109,22 +116,32 @@ class Backbone(nn.Module):
         image = self.reconstruct(features, x)
         if self.var_conv is None:
             return image
+        if self.head_input == "detached":
+            return image, self.var_conv(features.detach())
+        if self.head_input == "input":
+            return image, self.var_conv(x)
         return image, self.var_conv(features)
 
 
-def attach_uncertainty_head(model: Backbone, out_channels: Optional[int] = None) -> Backbone:
-    """Give ``model`` a freshly initialised head with ``out_channels`` maps (default: the image channels)."""
+def attach_uncertainty_head(model: Backbone, out_channels: Optional[int] = None, input: str = "features") -> Backbone:
+    """Give ``model`` a freshly initialised head with ``out_channels`` maps (default: the image channels) that reads
+    ``input`` (one of :data:`HEAD_INPUTS`; default the backbone's last decoder features)."""
     if not isinstance(model, Backbone):
         raise TypeError(f"model: expected a tur_ext.models Backbone, got {type(model).__name__}")
+    if input not in HEAD_INPUTS:
+        raise ValueError(f"input: expected one of {list(HEAD_INPUTS)}, got {input!r}")
     channels = model.out_channels if out_channels is None else out_channels
-    head = UncertaintyHead(model.feature_channels, channels)
+    head = UncertaintyHead(model.in_channels if input == "input" else model.feature_channels, channels)
     param = next(model.parameters(), None)
     if param is not None:
         head = head.to(device=param.device, dtype=param.dtype)
     if HEAD_NAME in model.__dict__:
         del model.__dict__[HEAD_NAME]
     model.add_module(HEAD_NAME, head)
+    model.head_input = input
     model.config = {**model.config, "uncertainty": True, "uncertainty_channels": channels}
+    if input != "features":  # only then: default configs (and checkpoints) keep their keys
+        model.config["uncertainty_input"] = input
     return model
 
 
@@ -156,4 +173,6 @@ def strip_uncertainty(model: nn.Module) -> Backbone:
     plain.__dict__[HEAD_NAME] = None
     plain.config = {**net.config, "uncertainty": False}
     plain.config.pop("uncertainty_channels", None)
+    plain.config.pop("uncertainty_input", None)
+    plain.head_input = "features"
     return plain

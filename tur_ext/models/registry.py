@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
-from .head import Backbone, attach_uncertainty_head
+from .head import HEAD_INPUTS, Backbone, attach_uncertainty_head
 from .nafnet import NAFNet
 from .promptir import PromptIR
 
@@ -84,11 +84,12 @@ def _plain(value: Any) -> Any:
 
 
 def build(name: str, *, uncertainty: bool = False, uncertainty_channels: Optional[int] = None,
-          **config: Any) -> Backbone:
+          uncertainty_input: str = "features", **config: Any) -> Backbone:
     """Build the registered model ``name`` with ``config`` overriding its defaults.
 
     With ``uncertainty=True`` the model carries an :class:`~tur_ext.models.UncertaintyHead` with
-    ``uncertainty_channels`` maps (default: the image channels) and its forward returns ``(image, uncertainty)``.
+    ``uncertainty_channels`` maps (default: the image channels) and its forward returns ``(image, uncertainty)``;
+    ``uncertainty_input`` is what the head reads (a study knob, see :data:`~tur_ext.models.head.HEAD_INPUTS`).
     The result has ``arch``, ``config`` (``build(model.arch, **model.config)`` rebuilds it), ``size_multiple`` and
     ``supports_fp16``.
     """
@@ -101,6 +102,10 @@ def build(name: str, *, uncertainty: bool = False, uncertainty_channels: Optiona
         if isinstance(uncertainty_channels, bool) or not isinstance(uncertainty_channels, int) \
                 or uncertainty_channels < 1:
             raise ValueError(f"uncertainty_channels: expected a positive int, got {uncertainty_channels!r}")
+    if uncertainty_input not in HEAD_INPUTS:
+        raise ValueError(f"uncertainty_input: expected one of {list(HEAD_INPUTS)}, got {uncertainty_input!r}")
+    if uncertainty_input != "features" and not uncertainty:
+        raise ValueError("uncertainty_input: only meaningful with uncertainty=True")
     keys = s.config_keys()
     unknown = sorted(set(config) - set(keys))
     if unknown:
@@ -112,5 +117,5 @@ def build(name: str, *, uncertainty: bool = False, uncertainty_channels: Optiona
     model.config = {k: _plain(merged.get(k, params[k].default)) for k in keys}
     model.config["uncertainty"] = False
     if uncertainty:
-        attach_uncertainty_head(model, uncertainty_channels)
+        attach_uncertainty_head(model, uncertainty_channels, uncertainty_input)
     return model
