@@ -213,34 +213,12 @@ def deploy_demo(checkpoint: Union[str, os.PathLike], out_dir: Union[str, os.Path
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"export": cmd_export, "restore": cmd_restore}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        raise _UsageError(f"{self.prog}: error: {message}")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``export`` or ``restore`` (``argv`` without the program name); returns the exit status."""
-    parser = _Parser(prog="tur", description="tur_ext deployment: export and restore")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    register(sub)
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"tur {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"tur {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """Run ``export`` or ``restore`` (``argv`` without the program name); returns the exit status. The same
+    parser and error handling as ``tur``: this module only contributes the two subcommands."""
+    from .cli import main as tur_main
+
+    return tur_main(argv)
 
 
 if __name__ == "__main__":
