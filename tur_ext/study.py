@@ -139,18 +139,10 @@ def validate_study(raw: Any, *, name: Optional[str] = None) -> dict:
 
 def load_study(path: PathLike, overrides: Sequence[str] = ()) -> dict:
     """Read a study YAML, apply ``--set key=value`` overrides (``base.data.length=100``, ``seeds=[0,1]``), validate."""
-    from .train.config import _fix_floats, apply_overrides
+    from .train.config import _fix_floats, apply_overrides, read_yaml_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"study config: no such file {str(p)!r}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise StudyError(f"study config: {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise StudyError(f"study config: expected a mapping at the top level, got {type(raw).__name__}")
-    return validate_study(apply_overrides(_fix_floats(raw), overrides), name=p.stem)
+    raw = read_yaml_mapping(path, "study config", StudyError)
+    return validate_study(apply_overrides(_fix_floats(raw), overrides), name=Path(path).stem)
 
 
 def plan(study: dict) -> list[RunSpec]:

@@ -468,10 +468,7 @@ class PromptIR3TrainDataset(_FolderTrain):
         super().__init__(tasks, patch_size=patch_size, seed=seed, augment=augment, skip_bad_images=skip_bad_images)
         base = _resolve_split(root, "Train", ("Denoise", "Derain", "Dehaze"))
         self.root = base
-        want = [t for t in _P3_TRAIN_TASKS if t in self.tasks]
-        if not want:
-            raise ValueError(f"tasks: the 3-task tree provides {list(_P3_TRAIN_TASKS)}, none of which is in "
-                             f"{self.tasks}")
+        want = _promptir3_tasks(self.tasks)
         if any(t in _NOISE_SIGMA for t in want):
             clean = list_images(_need_dir(base, "Denoise"))
             for t in want:
@@ -508,10 +505,7 @@ class PromptIR3TestDataset(_FolderEval):
                          skip_bad_images=skip_bad_images)
         base = _resolve_split(root, "test", ("denoise", "derain", "dehaze"))
         self.root = base
-        want = [t for t in _P3_TRAIN_TASKS if t in self.tasks]
-        if not want:
-            raise ValueError(f"tasks: the 3-task tree provides {list(_P3_TRAIN_TASKS)}, none of which is in "
-                             f"{self.tasks}")
+        want = _promptir3_tasks(self.tasks)
         if any(t in _NOISE_SIGMA for t in want):
             clean = self._limit(list_images(_need_dir(base, "denoise/bsd68")))
             for t in want:
@@ -547,6 +541,14 @@ def _use_clean_images(ds: RestorationDataset, root: PathLike, clean: list) -> No
     ds.records = [(t, None, p) for t in ds.tasks for p in clean]
     ds._finalize()
     _require_each(ds, list(ds.tasks))
+
+
+def _promptir3_tasks(tasks) -> list[str]:
+    """The 3-task tree's tasks that ``tasks`` asks for (at least one, else a ValueError)."""
+    want = [t for t in _P3_TRAIN_TASKS if t in tasks]
+    if not want:
+        raise ValueError(f"tasks: the 3-task tree provides {list(_P3_TRAIN_TASKS)}, none of which is in {tasks}")
+    return want
 
 
 def _require_each(ds: RestorationDataset, want: Sequence[str]) -> None:

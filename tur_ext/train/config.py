@@ -313,18 +313,28 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[
     if raw is None:
         if path is None:
             raise ConfigError("config: give a YAML path or a raw dict")
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config: no such file {str(p)!r}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {str(p)!r} is not valid YAML: {e}") from None
-        name = p.stem
+        raw = read_yaml_mapping(path)
+        name = Path(path).stem
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     raw = apply_overrides(_fix_floats(raw), overrides)
     return validate(raw, name=name)
+
+
+def read_yaml_mapping(path: Union[str, os.PathLike], what: str = "config", error=None) -> dict:
+    """A YAML file whose top level is a mapping; errors name ``what`` and the file (``error``: the exception type
+    for bad content, ConfigError by default)."""
+    error = error or ConfigError
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: no such file {str(p)!r}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what}: {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
 
 
 def dump_config(cfg: dict, path: Union[str, os.PathLike]) -> None:
