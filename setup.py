@@ -35,7 +35,9 @@ def _want_cuda() -> bool:
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # No floating-point contraction: the CPU kernel's SIMD levels (csrc/cpu/tur_loss_cpu_kernels.cpp) must agree
+    # to the bit, and an FMA in one of them only would round differently.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("TUR_NATIVE") == "1":
         cxx.append("-march=native")
     define_macros = [("TUR_TORCH_VERSION", f'"{torch.__version__}"')]

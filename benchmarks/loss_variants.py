@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tur_ext import reference, task_uncertainty_loss
+from tur_ext import ops, reference, task_uncertainty_loss
 
 EPS, REG = 1e-6, 2.0
 
@@ -32,6 +32,12 @@ def fused_loss(pred, target, unc, ids, num_tasks):
     return task_uncertainty_loss(pred, target, unc, ids, num_tasks, eps=EPS, reg_weight=REG, check_finite=False).loss
 
 
+def fused_default_simd_loss(pred, target, unc, ids, num_tasks):
+    """The fused op with its CPU kernel held at the portable SSE2 build (what the SIMD dispatch buys)."""
+    with ops.cpu_capability("default"):
+        return fused_loss(pred, target, unc, ids, num_tasks)
+
+
 def reference_loss(pred, target, unc, ids, num_tasks):
     return reference.task_uncertainty_loss(
         pred, target, unc, ids, num_tasks, eps=EPS, reg_weight=REG, check_finite=False
@@ -55,6 +61,7 @@ def plain_l1_loss(pred, target, unc, ids, num_tasks):
 
 VARIANTS: dict[str, Callable] = {
     "fused": fused_loss,
+    "fused_default_simd": fused_default_simd_loss,
     "reference": reference_loss,
     "loop": seed_style_loop_loss,
     "compiled_reference": compiled_reference_loss,

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
+
+#include "cpu/tur_loss_cpu_kernels.h"
 
 #ifndef TUR_TORCH_VERSION
 #define TUR_TORCH_VERSION "unknown"
@@ -33,6 +36,12 @@ std::string simd_level() {
 #endif
 }
 
+std::vector<std::string> cpu_capabilities() {
+  std::vector<std::string> names;
+  for (tur::cpu::Capability c : tur::cpu::supported_capabilities()) names.emplace_back(tur::cpu::capability_name(c));
+  return names;
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
 #ifdef TUR_WITH_CUDA
@@ -50,7 +59,9 @@ pybind11::dict build_info() {
   info["openmp_version"] = 0;
 #endif
   info["threads"] = at::get_num_threads();
-  info["simd"] = simd_level();
+  info["simd"] = simd_level();  // the baseline the library was compiled for
+  info["cpu_capability"] = std::string(tur::cpu::capability_name(tur::cpu::active_capability()));
+  info["cpu_capabilities"] = cpu_capabilities();
   info["torch_version"] = std::string(TUR_TORCH_VERSION);  // the torch it was compiled against
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
@@ -67,4 +78,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tur_ext compiled kernels; the ops themselves are reached as torch.ops.tur.*";
   m.def("build_info", &build_info, "How this extension was built: CUDA and archs, OpenMP, threads, SIMD, torch");
+  m.def("cpu_capabilities", &cpu_capabilities, "SIMD levels of the CPU kernel that this machine can run");
+  m.def("set_cpu_capability", &tur::cpu::set_active_capability, pybind11::arg("name"),
+        "Selects the SIMD level of the CPU kernel; returns the previous one");
 }

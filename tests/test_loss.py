@@ -326,6 +326,50 @@ def test_deterministic_bits_across_runs_and_thread_counts(device):
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(ops.backend() != "compiled", reason="needs the compiled op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["basic", "cu1", "absent_tasks", "many_chunks", "many_chunks_cu1"])
+def test_cpu_simd_levels_match_reference_and_each_other(case, dtype):
+    """Every SIMD level of the CPU kernel this machine runs: within the reference's tolerance, and bitwise equal
+    to each other (fixed-lane sums, no contraction), gradients included."""
+    levels = ops.cpu_capabilities()
+    assert levels[0] == "default"
+    shape, cu, ids, K = CASES[case]
+    pred, target, unc, ids_t = make_inputs(shape, cu, ids, dtype=dtype, seed=5)
+    results = []
+    for level in levels:
+        with ops.cpu_capability(level):
+            out = assert_matches_reference(pred, target, unc, ids_t, K)
+            _, gp, _, gu = fused(pred, target, unc, ids_t, K)
+        results.append((out.loss, out.per_task_loss, out.per_task_l1, out.per_task_weighted_l1, gp, gu))
+    for level, other in zip(levels[1:], results[1:]):
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b), level
+
+
+@pytest.mark.skipif(ops.backend() != "compiled", reason="needs the compiled op")
+def test_cpu_capability_selection_and_errors():
+    import os
+    import subprocess
+    import sys
+
+    best = ops.cpu_capabilities()[-1]
+    assert ops.build_info()["cpu_capability"] == best
+    with ops.cpu_capability("default"):
+        assert ops.build_info()["cpu_capability"] == "default"
+    assert ops.build_info()["cpu_capability"] == best
+    with pytest.raises(ValueError, match="capability: expected one of default, avx2, avx512, got 'sse9'"):
+        with ops.cpu_capability("sse9"):
+            pass
+    script = "from tur_ext import ops; print(ops.build_info()['cpu_capability'])"
+    run = lambda value: subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "TUR_CPU_CAPABILITY": value}, capture_output=True, text=True
+    )
+    assert run("default").stdout.strip() == "default"
+    bad = run("fast")
+    assert bad.returncode != 0 and "TUR_CPU_CAPABILITY: expected one of default, avx2, avx512, got 'fast'" in bad.stderr
+
+
 def opcheck_samples(device):
     samples = []
     for dtype in (torch.float32, torch.float64):
@@ -463,7 +507,7 @@ def test_backend_and_build_info():
     info = ops.build_info()
     assert info["backend"] == ops.backend()
     if ops.backend() == "compiled":
-        assert {"cuda", "cuda_archs", "openmp", "threads", "simd", "torch_version"} <= set(info)
+        assert {"cuda", "cuda_archs", "openmp", "threads", "simd", "cpu_capability", "torch_version"} <= set(info)
         assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
 
 

@@ -3,13 +3,16 @@ fake (meta) kernel, so that ``torch.compile`` traces it without a graph break.
 
 ``backend()`` is ``"compiled"`` when ``tur_ext._C`` loaded, else ``"reference"`` (the pure-PyTorch fallback; a
 warning says so once). With ``TUR_REQUIRE_COMPILED=1`` a missing extension is an ImportError instead.
-``python -m tur_ext.ops`` prints how the extension was built.
+``python -m tur_ext.ops`` prints how the extension was built. The CPU kernel is compiled for several SIMD levels
+and picks the best this CPU has (``cpu_capabilities()``; ``TUR_CPU_CAPABILITY=default|avx2|avx512`` or the
+``cpu_capability(name)`` context caps it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -48,6 +51,25 @@ def build_info() -> dict[str, Any]:
     info["backend"] = "compiled"
     info["torch_runtime"] = torch.__version__
     return info
+
+
+def cpu_capabilities() -> list[str]:
+    """SIMD levels of the CPU kernel that this machine runs, lowest first (``"default"``, ``"avx2"``,
+    ``"avx512"``). All give the same bits; the op uses the last one unless ``TUR_CPU_CAPABILITY`` says otherwise."""
+    return [] if _C is None else list(_C.cpu_capabilities())
+
+
+@contextlib.contextmanager
+def cpu_capability(name: str) -> Iterator[None]:
+    """Runs the CPU kernel at SIMD level ``name`` inside the block (for comparisons in tests and benchmarks).
+    ValueError when the level is unknown or this CPU lacks it."""
+    if _C is None:
+        raise RuntimeError("cpu_capability: the compiled extension is not loaded")
+    previous = _C.set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_capability(previous)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
