@@ -1,4 +1,8 @@
 // CPU kernel of tur::task_uncertainty_loss: forward and gradients in two passes over the data (DESIGN.md §2).
+// Pass A reads `uncertainty` for the per-task sums of U_k; pass B reads it again with pred and target, rebuilding
+// U_k chunk by chunk in L1, and writes both gradients. That is Nu element reads above DESIGN §2's floor where
+// its plan writes and re-reads the K task maps instead: measured, the maps' round trip through memory (write
+// misses included) cost more than the second read, and no K x Q scratch is allocated.
 // The loops over one chunk of positions are in tur_loss_cpu_chunk.inc, compiled per SIMD level; this file
 // spreads the chunks over threads and turns the per-chunk sums into the outputs.
 //
@@ -38,8 +42,6 @@ void run(const LossProblem& p, LossBuffers& out, bool compute_grad) {
                     invalid, " id(s) outside it");
   const int64_t present = count_present(counts.data(), p.K);
 
-  // Uninitialised on purpose: pass A writes every slot of every present task before anything reads it.
-  at::Tensor task_unc = at::empty({p.K, p.Q}, p.pred.options().dtype(accumulate_type(p.pred.scalar_type())));
   cpu::ChunkProblem<scalar_t, acc_t> cp{};
   cp.pred = p.pred.const_data_ptr<scalar_t>();
   cp.target = p.target.const_data_ptr<scalar_t>();
@@ -51,7 +53,6 @@ void run(const LossProblem& p, LossBuffers& out, bool compute_grad) {
   cp.counts = counts.data();
   cp.offsets = offsets.data();
   cp.order = order.data();
-  cp.task_unc = task_unc.mutable_data_ptr<acc_t>();
   cp.grad_pred = compute_grad ? out.grad_pred_work.mutable_data_ptr<scalar_t>() : nullptr;
   cp.grad_unc = compute_grad ? out.grad_uncertainty_work.mutable_data_ptr<scalar_t>() : nullptr;
   const cpu::ChunkKernels<scalar_t, acc_t> kernels = cpu::chunk_kernels<scalar_t, acc_t>(cpu::active_capability());

@@ -28,14 +28,13 @@ struct ChunkProblem {
   const int64_t* counts;
   const int64_t* offsets;
   const int64_t* order;
-  acc_t* task_unc;     // K x Q: U_k, written by pass A, read by pass B
   scalar_t* grad_pred;  // null when no gradient is wanted
   scalar_t* grad_unc;   // null when no gradient is wanted
 };
 
 template <typename scalar_t, typename acc_t>
 struct ChunkKernels {
-  // Pass A over chunk c: U_k of every present task into task_unc; usum[k] = sum over the chunk of U_k.
+  // Pass A over chunk c: usum[k] = sum over the chunk of U_k, for every present task.
   void (*task_uncertainty)(const ChunkProblem<scalar_t, acc_t>& p, int64_t c, double* usum);
   // Pass B over chunk c: E_k and grad_pred, then grad_unc of every member of the task;
   // wsum[k] = sum over the chunk of E_k / U_k, esum[k] = sum of E_k.
