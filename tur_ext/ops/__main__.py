@@ -2,4 +2,4 @@
 from . import build_info
 
 for key, value in build_info().items():
-    print(f"{key:14s} {value}")
+    print(f"{key:16s} {value}")
