@@ -61,8 +61,9 @@ def cpu_capabilities() -> list[str]:
 
 @contextlib.contextmanager
 def cpu_capability(name: str) -> Iterator[None]:
-    """Runs the CPU kernel at SIMD level ``name`` inside the block (for comparisons in tests and benchmarks).
-    ValueError when the level is unknown or this CPU lacks it."""
+    """Runs the CPU kernel at SIMD level ``name`` inside the block, for every thread of the process (the setting
+    is process-wide; meant for comparisons in tests and benchmarks). ValueError when the level is unknown or this
+    CPU lacks it."""
     if _C is None:
         raise RuntimeError("cpu_capability: the compiled extension is not loaded")
     previous = _C.set_cpu_capability(name)
