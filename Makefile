@@ -37,13 +37,23 @@ bench: setup
 	  | tee benchmarks/results/bench_loss_$(DEVICE_NAME).md
 
 # Compiles every CUDA source for each architecture, objects only: catches CUDA errors on machines without a GPU.
-cuda-check:
+# The .cu files with nvcc for each arch; then the torch glue (csrc/cuda/*.cpp) with the host compiler against
+# torch's own CUDA headers, which the CPU wheel ships. Those include the cuBLAS/cuSPARSE/cuSOLVER headers that a
+# bare toolkit lacks (.ci/cuda_stub_include declares just the types they name, searched after every real include
+# directory) and c10's generated CMake header (skipped with C10_CUDA_NO_CMAKE_CONFIGURE_FILE).
+cuda-check: setup
 	@command -v $(NVCC) >/dev/null || { echo "cuda-check: nvcc not found (set NVCC=...)"; exit 1; }
 	mkdir -p build/cuda-check
 	set -e; for f in $$(find csrc -name '*.cu'); do for a in $(CUDA_ARCHS); do \
 	  echo "nvcc sm_$$a $$f"; \
 	  $(NVCC) -std=c++20 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f \
 	    -o build/cuda-check/$$(basename $$f .cu).sm_$$a.o; done; done
+	set -e; top=$$($(NVCC) --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p'); \
+	torch_inc=$$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem ' + p for p in include_paths()))"); \
+	for f in $$(find csrc/cuda -name '*.cpp'); do echo "c++ (torch CUDA glue) $$f"; \
+	  $(CXX) -std=c++20 -O1 -Wall -Wextra -Werror -fPIC -DTUR_WITH_CUDA=1 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	    -Icsrc $$torch_inc -isystem $$top/include -idirafter .ci/cuda_stub_include \
+	    -c $$f -o build/cuda-check/$$(basename $$f .cpp).o; done
 
 # The runner is optional for the demo: without OpenCV's headers it falls back to `tur restore` and says so.
 demo: setup
