@@ -466,27 +466,7 @@ class PromptIR3TrainDataset(_FolderTrain):
     def __init__(self, root: PathLike, tasks, *, patch_size: int = 128, seed: int = 0, augment: bool = True,
                  skip_bad_images: bool = False):
         super().__init__(tasks, patch_size=patch_size, seed=seed, augment=augment, skip_bad_images=skip_bad_images)
-        base = _resolve_split(root, "Train", ("Denoise", "Derain", "Dehaze"))
-        self.root = base
-        want = _promptir3_tasks(self.tasks)
-        if any(t in _NOISE_SIGMA for t in want):
-            clean = list_images(_need_dir(base, "Denoise"))
-            for t in want:
-                if t in _NOISE_SIGMA:
-                    self.records += [(t, None, p) for p in clean]
-        if "derain" in want:
-            d = _need_dir(base, "Derain")
-            pairs, missing = _pair_files(list_images(_need_dir(d, "rainy")), _need_dir(d, "gt"), _rain_gt_names)
-            self._add_missing(missing, "derain")
-            self.records += [("derain", lq, gt) for lq, gt in pairs]
-        if "dehaze" in want:
-            d = _need_dir(base, "Dehaze")
-            pairs, missing = _pair_files(list_images(_need_dir(d, "synthetic")), _need_dir(d, "original"),
-                                         _haze_gt_names)
-            self._add_missing(missing, "dehaze")
-            self.records += [("dehaze", lq, gt) for lq, gt in pairs]
-        self._finalize()
-        _require_each(self, want)
+        _add_promptir3_records(self, root, _PROMPTIR3_TRAIN)
 
 
 class PromptIR3TestDataset(_FolderEval):
@@ -503,26 +483,38 @@ class PromptIR3TestDataset(_FolderEval):
                  max_images: Optional[int] = None, skip_bad_images: bool = False):
         super().__init__(tasks, seed=seed, crop=crop, size_multiple=size_multiple, max_images=max_images,
                          skip_bad_images=skip_bad_images)
-        base = _resolve_split(root, "test", ("denoise", "derain", "dehaze"))
-        self.root = base
-        want = _promptir3_tasks(self.tasks)
-        if any(t in _NOISE_SIGMA for t in want):
-            clean = self._limit(list_images(_need_dir(base, "denoise/bsd68")))
-            for t in want:
-                if t in _NOISE_SIGMA:
-                    self.records += [(t, None, p) for p in clean]
-        if "derain" in want:
-            d = _need_dir(base, "derain/Rain100L")
-            pairs, missing = _pair_files(list_images(_need_dir(d, "input")), _need_dir(d, "target"), _rain_gt_names)
-            self._add_missing(missing, "derain")
-            self.records += [("derain", lq, gt) for lq, gt in self._limit(pairs)]
-        if "dehaze" in want:
-            d = _need_dir(base, "dehaze")
-            pairs, missing = _pair_files(list_images(_need_dir(d, "input")), _need_dir(d, "target"), _haze_gt_names)
-            self._add_missing(missing, "dehaze")
-            self.records += [("dehaze", lq, gt) for lq, gt in self._limit(pairs)]
-        self._finalize()
-        _require_each(self, want)
+        _add_promptir3_records(self, root, _PROMPTIR3_TEST, self._limit)
+
+
+# Folder names of the two PromptIR/AirNet trees: the split folder and its three task folders, the clean images of
+# the noise tasks, and (folder, degraded, ground truth) for deraining and dehazing.
+_PROMPTIR3_TRAIN = ("Train", ("Denoise", "Derain", "Dehaze"), "Denoise", ("Derain", "rainy", "gt"),
+                    ("Dehaze", "synthetic", "original"))
+_PROMPTIR3_TEST = ("test", ("denoise", "derain", "dehaze"), "denoise/bsd68", ("derain/Rain100L", "input", "target"),
+                   ("dehaze", "input", "target"))
+
+
+def _add_promptir3_records(ds, root: PathLike, layout: tuple, limit=lambda records: records) -> None:
+    """Fills ``ds.records`` from a PromptIR/AirNet 3-task tree with the given ``layout`` (one of the two above);
+    ``limit`` cuts each task's list (the test set's ``max_images``)."""
+    split, markers, denoise, derain, dehaze = layout
+    base = _resolve_split(root, split, markers)
+    ds.root = base
+    want = _promptir3_tasks(ds.tasks)
+    if any(t in _NOISE_SIGMA for t in want):
+        clean = limit(list_images(_need_dir(base, denoise)))
+        for t in want:
+            if t in _NOISE_SIGMA:
+                ds.records += [(t, None, p) for p in clean]
+    for task, (folder, lq_dir, gt_dir), gt_names in (("derain", derain, _rain_gt_names),
+                                                      ("dehaze", dehaze, _haze_gt_names)):
+        if task in want:
+            d = _need_dir(base, folder)
+            pairs, missing = _pair_files(list_images(_need_dir(d, lq_dir)), _need_dir(d, gt_dir), gt_names)
+            ds._add_missing(missing, task)
+            ds.records += [(task, lq, gt) for lq, gt in limit(pairs)]
+    ds._finalize()
+    _require_each(ds, want)
 
 
 def _need_dir(base: Path, name: str) -> Path:
