@@ -63,23 +63,21 @@ bool cpu_supports(Capability c) {
   }
 }
 
-bool parse(const std::string& name, Capability* out) {
+// The level called `name`; `what` names the setting in the error for an unknown name.
+Capability parse(const std::string& name, const char* what) {
+  std::string known;
   for (Capability c : kAll) {
-    if (name == capability_name(c)) {
-      *out = c;
-      return true;
-    }
+    if (name == capability_name(c)) return c;
+    known += known.empty() ? capability_name(c) : std::string(", ") + capability_name(c);
   }
-  return false;
+  TORCH_CHECK_VALUE(false, what, ": expected one of ", known, ", got '", name, "'");
 }
 
 Capability initial_capability() {
   const std::vector<Capability> ok = supported_capabilities();
   const char* env = std::getenv("TUR_CPU_CAPABILITY");
   if (env == nullptr || *env == '\0') return ok.back();
-  Capability asked;
-  TORCH_CHECK_VALUE(parse(env, &asked), "TUR_CPU_CAPABILITY: expected one of default, avx2, avx512, got '", env,
-                    "'");
+  const Capability asked = parse(env, "TUR_CPU_CAPABILITY");
   // Like ATEN_CPU_CAPABILITY: a level this CPU lacks falls back to the best one it has.
   return std::min(asked, ok.back());
 }
@@ -119,8 +117,7 @@ Capability active_capability() {
 }
 
 std::string set_active_capability(const std::string& name) {
-  Capability c;
-  TORCH_CHECK_VALUE(parse(name, &c), "capability: expected one of default, avx2, avx512, got '", name, "'");
+  const Capability c = parse(name, "capability");
   TORCH_CHECK_VALUE(cpu_supports(c), "capability: '", name, "' is not compiled in or not supported by this CPU");
   const std::string previous = capability_name(active_capability());
   active.store(static_cast<int>(c));
