@@ -86,6 +86,18 @@ class Backbone(nn.Module):
     def has_uncertainty(self) -> bool:
         return self.var_conv is not None
 
+    @torch.jit.unused
+    def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Map a checkpoint's state dict, in the key layout of this architecture's releases, onto this module.
+
+        :func:`~tur_ext.models.load_weights` calls it after it has found the state dict in the file and removed
+        wrapper prefixes, before it compares keys and shapes. An architecture whose releases differ from its module
+        overrides it, for example to drop modules a release carries but its forward never uses, to rename the head's
+        keys, or to resize a buffer whose shape only the file knows (the module may be changed in place for that).
+        The default returns ``state_dict`` unchanged.
+        """
+        return state_dict
+
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -8,6 +8,9 @@ Recognised layouts (detected from the file's top-level keys):
   release); only the ``net.`` entries are the network.
 * ``state_dict``: a plain ``{key: tensor}`` mapping.
 
+An architecture whose releases use another key layout than its module maps them in
+:meth:`~tur_ext.models.Backbone.adapt_state_dict`, which runs before keys and shapes are compared.
+
 Key prefixes added by ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
 (``_orig_mod.``) are removed. Files are always read with ``torch.load(..., weights_only=True)``.
 """
@@ -21,7 +24,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .head import HEAD_NAME
+from .head import HEAD_NAME, Backbone, _unwrap
 
 __all__ = ["load_weights", "read_state_dict", "LoadReport", "WeightsMismatchError"]
 
@@ -131,6 +134,9 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, An
         raise TypeError(f"path: expected a file path or a checkpoint dict, got {type(path).__name__}")
 
     sd, fmt, stripped = read_state_dict(payload, source)
+    net = _unwrap(model)
+    if isinstance(net, Backbone):
+        sd = net.adapt_state_dict(sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
