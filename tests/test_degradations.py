@@ -4,7 +4,7 @@ import pytest
 import skimage.data
 
 from tur_ext.data import degradations as D
-from tur_ext.tasks import KNOWN_TASKS
+from tur_ext.tasks import SYNTHETIC_TASKS
 
 
 @pytest.fixture(scope="module")
@@ -13,12 +13,12 @@ def photo():
     return (skimage.data.astronaut()[120:248, 160:288].astype(np.float32) / 255.0).copy()
 
 
-def test_registry_covers_every_known_task():
-    assert set(D.DEGRADATIONS) == set(KNOWN_TASKS)
-    assert set(D.RANGES) == set(KNOWN_TASKS)
+def test_registry_covers_every_synthetic_task():
+    assert set(D.DEGRADATIONS) == set(SYNTHETIC_TASKS)
+    assert set(D.RANGES) == set(SYNTHETIC_TASKS)
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_TASKS))
+@pytest.mark.parametrize("name", sorted(SYNTHETIC_TASKS))
 def test_shape_dtype_range_and_seeded(name, photo):
     before = photo.copy()
     out = D.degrade(name, photo, np.random.default_rng(123))

@@ -28,13 +28,30 @@ KNOWN_TASKS: dict[str, str] = {
     "haze": "haze",
     "dark": "darkening by gamma 1-3",
     "sr": "x4 bicubic down- and up-sampling",
+    # Deweathering (TransWeather's AllWeather set): captured/rendered pairs only, nothing synthesised here.
+    "snow": "snow (Snow100K)",
+    "rain_fog": "rain streaks with fog / rain accumulation (Outdoor-Rain)",
+    "raindrop": "raindrops on the lens (RainDrop)",
+    # Real-world deweathering (WGWS-Net's real-world setting, the TUR release's names): real pairs only.
+    "real_rain": "real rain (SPA+)",
+    "real_snow": "real snow (RealSnow)",
+    "real_fog": "real haze / fog (REVIDE)",
 }
+
+#: Tasks that :mod:`tur_ext.data.degradations` can synthesise from a clean image (the others exist only as
+#: published degraded/clean pairs).
+SYNTHETIC_TASKS: tuple[str, ...] = ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur",
+                                    "lowlight", "blur", "noise", "jpeg", "rain", "haze", "dark", "sr")
 
 #: The published task sets, by the name configs use.
 TASK_SETS: dict[str, tuple[str, ...]] = {
     "3task": ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze"),
     "5task": ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur", "lowlight"),
     "7task": ("blur", "noise", "jpeg", "rain", "haze", "dark", "sr"),
+    # TransWeather's AllWeather training set, in the order of its three test sets (Snow100K-L, Test1, RainDrop).
+    "allweather": ("snow", "rain_fog", "raindrop"),
+    # The real-world deweathering setting (SPA+, RealSnow, REVIDE), in the TUR release's task order.
+    "real_weather": ("real_rain", "real_snow", "real_fog"),
 }
 
 

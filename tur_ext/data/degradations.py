@@ -1,4 +1,4 @@
-"""Seeded synthetic degradations, one per task name of :data:`tur_ext.tasks.KNOWN_TASKS`.
+"""Seeded synthetic degradations, one per task name of :data:`tur_ext.tasks.SYNTHETIC_TASKS`.
 
 Every registry entry is ``fn(clean, rng) -> degraded``: ``clean`` a float32 (H, W, 3) RGB image in [0, 1], ``rng``
 a :class:`numpy.random.Generator` (the only source of randomness, so the same generator state gives the same
@@ -21,7 +21,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..tasks import KNOWN_TASKS
+from ..tasks import KNOWN_TASKS, SYNTHETIC_TASKS
 
 Degradation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -240,12 +240,12 @@ def _entry(name: str) -> Degradation:
     return fn
 
 
-#: name -> ``fn(clean, rng)`` for every name in ``KNOWN_TASKS``.
-DEGRADATIONS: dict[str, Degradation] = {name: _entry(name) for name in KNOWN_TASKS}
+#: name -> ``fn(clean, rng)`` for every name in ``SYNTHETIC_TASKS`` (the weather tasks exist only as real pairs).
+DEGRADATIONS: dict[str, Degradation] = {name: _entry(name) for name in SYNTHETIC_TASKS}
 
 # Several tasks smear pixels spatially; dataset code crops this margin around a patch before degrading so patch
 # borders see real neighbours instead of reflected ones.
-SPATIAL_MARGIN: dict[str, int] = {name: 0 for name in KNOWN_TASKS}
+SPATIAL_MARGIN: dict[str, int] = {name: 0 for name in SYNTHETIC_TASKS}
 SPATIAL_MARGIN.update({"derain": 24, "rain": 24, "deblur": 16, "blur": 16, "sr": 16, "jpeg": 0})
 
 
@@ -260,5 +260,5 @@ def degrade(name: str, clean: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return fn(clean, rng)
 
 
-if set(RANGES) != set(KNOWN_TASKS):  # keep the registry complete when a task name is added
-    raise ImportError(f"degradations: RANGES and KNOWN_TASKS differ: {sorted(set(RANGES) ^ set(KNOWN_TASKS))}")
+if set(RANGES) != set(SYNTHETIC_TASKS):  # keep the registry complete when a task name is added
+    raise ImportError(f"degradations: RANGES and SYNTHETIC_TASKS differ: {sorted(set(RANGES) ^ set(SYNTHETIC_TASKS))}")

@@ -10,12 +10,13 @@ from .checkpoint import (CheckpointManager, atomic_torch_save, build_model_from_
 from .config import ConfigError, apply_overrides, load_config, parse_value, validate
 from .ema import ModelEMA
 from .evaluate import evaluate, evaluate_checkpoint
-from .schedule import WarmupCosineSchedule, warmup_cosine_factor
+from .schedule import CosineRestartSchedule, WarmupCosineSchedule, cosine_restart_factor, warmup_cosine_factor
 from .trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "CheckpointManager",
     "ConfigError",
+    "CosineRestartSchedule",
     "ModelEMA",
     "NonFiniteLossError",
     "Trainer",
@@ -23,6 +24,7 @@ __all__ = [
     "apply_overrides",
     "atomic_torch_save",
     "build_model_from_checkpoint",
+    "cosine_restart_factor",
     "evaluate",
     "evaluate_checkpoint",
     "find_checkpoint",

@@ -79,7 +79,8 @@ SCHEMA = Section({
         "eval_batch_size": Field((int,), 1, check=_positive),
     }, open=True),
     "optim": Section({
-        "name": Field((str,), "adamw", choices=("adamw",)),
+        "name": Field((str,), "adamw", choices=("adamw", "adam"),
+                      doc="adamw (decoupled weight decay) or adam (L2 weight decay, as BasicSR's Adam)"),
         "lr": Field((float,), 2e-4, check=_positive),
         "betas": Field((list,), [0.9, 0.999], check=_betas),
         "weight_decay": Field((float,), 0.0, check=_non_negative),
@@ -88,11 +89,15 @@ SCHEMA = Section({
                          doc="learning rate of the loss's own parameters (uw); default optim.lr"),
     }),
     "schedule": Section({
+        "name": Field((str,), "cosine", choices=("cosine", "cosine_restarts"),
+                      doc="cosine: warmup then one half cosine; cosine_restarts: BasicSR's CosineAnnealingRestartLR"),
         "unit": Field((str,), "steps", choices=("steps", "epochs")),
         "warmup": Field((int, float), 0, check=_non_negative, doc="linear warmup length, in schedule.unit"),
         "cosine_end": Field((int, float, None), None, check=_positive,
                             doc="where the cosine reaches min_lr, in schedule.unit (default: end of training)"),
-        "min_lr": Field((float,), 0.0, check=_non_negative),
+        "min_lr": Field((float,), 0.0, check=_non_negative, doc="lr at the end of each cosine (eta_min)"),
+        "periods": Field((list, None), None, doc="cosine_restarts: cycle lengths, in schedule.unit"),
+        "restart_weights": Field((list, None), None, doc="cosine_restarts: lr weight at each cycle start (default 1)"),
     }),
     "train": Section({
         "steps": Field((int, None), None, check=_positive, doc="training length in optimizer steps"),
@@ -112,6 +117,10 @@ SCHEMA = Section({
         "progress": Field((bool,), True, doc="tqdm progress bar"),
         "tensorboard": Field((bool,), True),
         "val_convention": Field((str,), "promptir", choices=("promptir", "basicsr")),
+        "val_crop_border": Field((int,), 0, check=_non_negative, doc="basicsr: pixels cropped on every side"),
+        "val_y_channel": Field((bool,), False, doc="basicsr: PSNR/SSIM on the BT.601 luma only"),
+        "val_task_metrics": Field((dict, None), None,
+                                  doc="per-task overrides {task: {convention, crop_border, y_channel}}"),
         "threads": Field((int, None), None, check=_positive, doc="torch CPU threads (null: torch's default)"),
     }),
 })
@@ -300,10 +309,34 @@ def validate(raw: dict, *, name: Optional[str] = None) -> dict:
     from ..tasks import TaskSet
 
     try:
-        TaskSet(cfg["tasks"])
+        tasks = TaskSet(cfg["tasks"])
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config key 'tasks': {e}") from None
+    _validate_schedule(cfg["schedule"])
+    from .evaluate import task_metric_settings
+
+    try:
+        task_metric_settings(t, tasks)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
     return cfg
+
+
+def _validate_schedule(s: dict) -> None:
+    from .schedule import check_restarts
+
+    if s["name"] == "cosine_restarts":
+        if s["periods"] is None:
+            raise ConfigError("config key 'schedule.periods': schedule 'cosine_restarts' needs its cycle lengths")
+        if s["restart_weights"] is None:
+            s["restart_weights"] = [1.0] * len(s["periods"]) if isinstance(s["periods"], list) else None
+        try:
+            check_restarts(s["periods"], s["restart_weights"], integer=s["unit"] == "steps")
+        except ValueError as e:
+            raise ConfigError(f"config key {str(e).split(':')[0]!r}:{str(e).split(':', 1)[1]}") from None
+    elif s["periods"] is not None or s["restart_weights"] is not None:
+        raise ConfigError("config keys 'schedule.periods' / 'schedule.restart_weights' apply to "
+                          f"schedule.name 'cosine_restarts' only (schedule.name is {s['name']!r})")
 
 
 def load_config(path: Union[str, os.PathLike, None] = None, overrides: Sequence[str] = (), *,

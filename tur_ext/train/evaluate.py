@@ -6,7 +6,7 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -49,13 +49,71 @@ def restore(model: nn.Module, lq: torch.Tensor, amp_dtype: Optional[torch.dtype]
     return crop_to(out.float(), size).clamp_(0.0, 1.0)
 
 
+#: Keys of one per-task metric setting (``train.val_task_metrics.<task>``) and their ``train.val_*`` defaults.
+_METRIC_KEYS = {"convention": "val_convention", "crop_border": "val_crop_border", "y_channel": "val_y_channel"}
+
+
+def task_metric_settings(train: Optional[Mapping], tasks) -> dict[str, dict]:
+    """The metric convention of every task of a run, ``{task: {"convention", "crop_border", "test_y_channel"}}``:
+    the recipe's ``train.val_convention`` / ``val_crop_border`` / ``val_y_channel``, overridden per task by
+    ``train.val_task_metrics`` (``{task: {convention, crop_border, y_channel}}``, every key optional). A
+    ValueError names the config key of a bad setting (the promptir convention takes no crop and no Y channel)."""
+    train = train or {}
+    tasks = TaskSet(tasks)
+    base = {"convention": train.get("val_convention", "promptir"), "crop_border": train.get("val_crop_border", 0),
+            "y_channel": train.get("val_y_channel", False)}
+    overrides = train.get("val_task_metrics") or {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"config key 'train.val_task_metrics': expected a mapping {{task: {{...}}}}, "
+                        f"got {type(overrides).__name__}")
+    unknown = [t for t in overrides if t not in tasks]
+    if unknown:
+        raise ValueError(f"config key 'train.val_task_metrics': {unknown} not among the run's tasks {list(tasks)}")
+    out = {}
+    for task in tasks:
+        spec = dict(base)
+        extra = overrides.get(task) or {}
+        where = f"train.val_task_metrics.{task}"
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"config key {where!r}: expected a mapping, got {type(extra).__name__}")
+        bad = sorted(set(extra) - set(_METRIC_KEYS))
+        if bad:
+            raise ValueError(f"config key {where!r}: unknown key(s) {bad}; expected some of {sorted(_METRIC_KEYS)}")
+        spec.update(extra)
+        keys = {k: (f"{where}.{k}" if k in extra else f"train.{v}") for k, v in _METRIC_KEYS.items()}
+        if spec["convention"] not in metrics.CONVENTIONS:
+            raise ValueError(f"config key {keys['convention']!r}: expected one of {list(metrics.CONVENTIONS)}, "
+                             f"got {spec['convention']!r}")
+        cb = spec["crop_border"]
+        if isinstance(cb, bool) or not isinstance(cb, int) or cb < 0:
+            raise ValueError(f"config key {keys['crop_border']!r}: expected an int >= 0, got {cb!r}")
+        if not isinstance(spec["y_channel"], bool):
+            raise ValueError(f"config key {keys['y_channel']!r}: expected true/false, got {spec['y_channel']!r}")
+        if spec["convention"] == "promptir" and (cb or spec["y_channel"]):
+            raise ValueError(f"config key {keys['convention']!r}: the promptir convention (RGB, whole image) takes "
+                             f"no crop_border and no y_channel; use basicsr (crop_border={cb}, "
+                             f"y_channel={spec['y_channel']})")
+        out[task] = {"convention": spec["convention"], "crop_border": cb, "test_y_channel": spec["y_channel"]}
+    return out
+
+
+def describe_metric(setting: Mapping) -> str:
+    """A short label of one metric setting, e.g. ``basicsr Y crop 4`` or ``promptir RGB``."""
+    label = f"{setting['convention']} {'Y' if setting.get('test_y_channel') else 'RGB'}"
+    return label + (f" crop {setting['crop_border']}" if setting.get("crop_border") else "")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, tasks, *, device: Union[str, torch.device] = "cpu",
              convention: str = "promptir", crop_border: int = 0, test_y_channel: bool = False,
-             amp_dtype: Optional[torch.dtype] = None) -> dict:
+             per_task: Optional[Mapping[str, Mapping]] = None, amp_dtype: Optional[torch.dtype] = None) -> dict:
     """Mean PSNR/SSIM per task over ``loader`` (batches of ``{"lq", "gt", "task_id"}``), in the run's task order:
-    ``{task: {"psnr": float, "ssim": float, "count": int}}`` for the tasks present."""
+    ``{task: {"psnr": float, "ssim": float, "count": int}}`` for the tasks present. ``per_task`` maps a task to
+    its own ``{"convention", "crop_border", "test_y_channel"}`` (:func:`task_metric_settings`); other tasks use
+    ``convention`` / ``crop_border`` / ``test_y_channel``."""
     tasks = TaskSet(tasks)
+    default = dict(convention=convention, crop_border=crop_border, test_y_channel=test_y_channel)
+    settings = {t: dict((per_task or {}).get(t) or default) for t in tasks}
     was_training = model.training
     model.eval()
     sums: dict[str, list] = {}
@@ -64,13 +122,13 @@ def evaluate(model: nn.Module, loader, tasks, *, device: Union[str, torch.device
             lq = batch["lq"].to(device)
             pred = restore(model, lq, amp_dtype).cpu()
             gt = batch["gt"].float()
-            kw = dict(convention=convention, crop_border=crop_border, test_y_channel=test_y_channel)
-            ps = metrics.psnr_batch(pred, gt, **kw)
-            ss = metrics.ssim_batch(pred, gt, **kw)
-            for tid, p, s in zip(batch["task_id"].tolist(), ps, ss):
+            for i, tid in enumerate(batch["task_id"].tolist()):
+                kw = settings[tasks[tid]]
+                p = metrics.psnr(pred[i], gt[i], **kw)
+                s_ = metrics.ssim(pred[i], gt[i], **kw)
                 acc = sums.setdefault(tasks[tid], [0.0, 0.0, 0])
                 acc[0] += p
-                acc[1] += s
+                acc[1] += s_
                 acc[2] += 1
     finally:
         model.train(was_training)
@@ -84,7 +142,9 @@ def evaluate_checkpoint(path: Union[str, os.PathLike], *, data: Optional[dict] =
     """Per-task metrics of a checkpoint (a file, or a run folder: its newest checkpoint).
 
     The eval set is the checkpoint's own ``data:`` section unless ``data`` replaces it; the tasks are the
-    checkpoint's. Returns ``{"checkpoint", "step", "convention", "tasks": {task: {...}}}``.
+    checkpoint's; each task is scored in the run's convention (:func:`task_metric_settings`) unless
+    ``convention`` replaces it (``promptir`` then drops crop and Y channel; ``basicsr`` keeps the run's).
+    Returns ``{"checkpoint", "step", "convention", "metrics": {task: setting}, "tasks": {task: {...}}}``.
     """
     from .. import data as tdata
     from .checkpoint import build_model_from_checkpoint, find_checkpoint, load_checkpoint
@@ -97,14 +157,23 @@ def evaluate_checkpoint(path: Union[str, os.PathLike], *, data: Optional[dict] =
     run_data = dict(cfg.get("data") or {})
     data_cfg = dict(data) if data is not None else {k: v for k, v in run_data.items() if k not in TRAINER_DATA_KEYS}
     data_cfg.setdefault("seed", cfg.get("seed", 0))
+    settings = task_metric_settings(cfg.get("train"), tasks)
+    if convention is not None:
+        if convention not in metrics.CONVENTIONS:
+            raise ValueError(f"convention: expected one of {list(metrics.CONVENTIONS)}, got {convention!r}")
+        for s in settings.values():
+            s["convention"] = convention
+            if convention == "promptir":
+                s.update(crop_border=0, test_y_channel=False)
     conv = convention or (cfg.get("train") or {}).get("val_convention", "promptir")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model_from_checkpoint(ckpt, use_ema=use_ema).to(dev)
     eval_set = tdata.build_eval_dataset(data_cfg, tasks)
     bs = batch_size or int(run_data.get("eval_batch_size", 1))
     loader = tdata.build_eval_loader(eval_set, bs)
-    result = evaluate(model, loader, tasks, device=dev, convention=conv)
-    return {"checkpoint": str(ckpt_path), "step": int(ckpt.get("step", 0)), "convention": conv, "tasks": result}
+    result = evaluate(model, loader, tasks, device=dev, per_task=settings)
+    return {"checkpoint": str(ckpt_path), "step": int(ckpt.get("step", 0)), "convention": conv,
+            "metrics": {t: settings[t] for t in result}, "tasks": result}
 
 
 def format_table(results: dict, tasks=None) -> str:

@@ -30,9 +30,9 @@ from . import distributed as D
 from .checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, model_spec, rng_state, set_rng_state
 from .config import dump_config
 from .ema import ModelEMA
-from .evaluate import evaluate, write_json
+from .evaluate import evaluate, task_metric_settings, write_json
 from .logs import VAL_COLUMNS, CSVLog, TensorBoardLog, train_columns
-from .schedule import WarmupCosineSchedule
+from .schedule import build_optimizer, build_schedule
 
 #: data-section keys the trainer reads itself; the rest of ``data:`` goes to the dataset builders.
 TRAINER_DATA_KEYS = ("batch_size", "num_workers", "eval_batch_size")
@@ -133,13 +133,9 @@ class Trainer:
         self.loss_params = loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if loss_params:  # uw's log-variances: no weight decay, which would pull them towards sigma = 1
             groups.append({"params": loss_params, "weight_decay": 0.0, "lr": o["loss_lr"] or o["lr"]})
-        self.optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
-        s = cfg["schedule"]
-        unit = self.steps_per_epoch if s["unit"] == "epochs" else 1
-        warmup = int(round(s["warmup"] * unit))
-        cosine = int(round(s["cosine_end"] * unit)) if s["cosine_end"] is not None else self.total_steps
-        self.scheduler = WarmupCosineSchedule(self.optimizer, warmup_steps=warmup, cosine_steps=max(cosine, warmup),
-                                              min_lr_ratio=min(1.0, s["min_lr"] / o["lr"]))
+        self.optimizer = build_optimizer(groups, o)
+        self.scheduler = build_schedule(self.optimizer, cfg["schedule"], lr=o["lr"],
+                                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
 
         # --- precision and compilation
         self.amp_dtype = None
@@ -291,7 +287,7 @@ class Trainer:
         metrics: dict = {}
         if self.dist.is_main and self.eval_loader is not None:
             metrics = evaluate(self.ema.module, self.eval_loader, self.tasks, device=self.device,
-                               convention=self.cfg["train"]["val_convention"], amp_dtype=self.amp_dtype)
+                               per_task=task_metric_settings(self.cfg["train"], self.tasks), amp_dtype=self.amp_dtype)
             for task, m in metrics.items():
                 self.val_log.write({"step": self.step, "task": task, **m})
             self.tb.scalars({f"val_psnr/{k}": m["psnr"] for k, m in metrics.items()}, self.step)
