@@ -50,7 +50,8 @@ top-level source keys instead of mixing with them). Unknown keys are a ValueErro
 ``batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor, num_batches,
 batches_per_epoch`` are accepted and ignored here so the trainer may keep them in the same section::
 
-    type: embedded          # embedded | promptir3 | gopro | lol | paired | clean | combined   (default embedded)
+    type: embedded          # embedded | promptir3 | gopro | lol | paired | clean | snow100k | outdoor_rain |
+                            #   raindrop | allweather | real_weather | mio | combined   (default embedded)
     seed: 0                 # seeds crops, augmentation, degradations, the eval set
     patch_size: 128         # training crop (paired random crop; images smaller than it are reflect-padded)
     augment: true           # random flips / 90-degree rotations (the 8 dihedral transforms) on training patches
@@ -67,7 +68,8 @@ batches_per_epoch`` are accepted and ignored here so the trainer may keep them i
     train_images: [...]     # scikit-image names (default TRAIN_IMAGES); eval_images (default EVAL_IMAGES, disjoint)
     # folder types
     root: PATH              # promptir3: the folder holding Train/ and test/ (PromptIR/AirNet layout, or either
-                            #   of those folders itself); gopro: blur/ + sharp/ pairs; lol: low/ + high/ (or gt/,
+                            #   of those folders itself); gopro: blur/ + sharp/ pairs (or TUR/Restormer's
+                            #   input/ + target/); lol: low/ + high/ (or gt/,
                             #   normal/); paired: lq/ + gt/ (same file names, or same stem); clean: clean images,
                             #   every task synthesised. Pair folders are found anywhere under the split root
                             #   (GoPro keeps one pair per sequence).
@@ -75,10 +77,22 @@ batches_per_epoch`` are accepted and ignored here so the trainer may keep them i
                             #   minus its eval-split folder;
     eval_root: PATH         #   for eval: ROOT/<eval split>, which must exist. Splits (case-insensitive):
                             #   gopro train|test, lol our485 (or train)|eval15 (or test), paired and clean
-                            #   train|test (or val). promptir3 uses Train|test under ROOT.
+                            #   train|test (or val), snow100k all (or train)|test/Snow100K-L (or Snow100K-L,
+                            #   test), outdoor_rain train|test1 (or test), raindrop train|test_a (or test).
+                            #   promptir3 uses Train|test under ROOT; allweather ROOT/train|ROOT/test, else ROOT
+                            #   (its list files tell the splits apart); real_weather ROOT/train (else ROOT)|
+                            #   ROOT/test (required); mio ROOT/DF2K (or train, else ROOT)|ROOT/CL_test (or
+                            #   MiO_test, test; required). The layouts of the weather and MiOIR trees are in
+                            #   tur_ext.data.weather and tur_ext.data.mio (and the README).
     task: NAME              # paired only: the task of its pairs (gopro is deblur, lol is lowlight)
     lq_dir: lq              # paired only: the folder NAMES (not paths) of the pairs
     gt_dir: gt
+    list_file: allweather.txt   # allweather training: the list file's name (found anywhere under the root)
+    test_lists: {snow: snowtest100k_L.txt, rain_fog: test1.txt, raindrop: raindroptesta.txt}   # allweather eval
+    task_patterns: null     # allweather training: [[task, regex], ...], the task of a listed path is the first
+                            #   whose regex matches (default ALLWEATHER_TASK_PATTERNS: Outdoor-Rain's
+                            #   im_N_sS_aA names rain_fog, RainDrop's N_rain raindrop, everything else snow)
+    list_dir: null          # real_weather training: where TUR's list files are (default ROOT/data_dir, ROOT)
     eval_crop: null         # folder eval: centre crop to this size (so batches stack); null = whole images,
                             #   which differ in size: evaluate those with batch_size 1
     size_multiple: 16       # folder eval: whole images are cropped (bottom/right) to a multiple of this
@@ -108,15 +122,21 @@ Datasets (``tur_ext.data.datasets``; all take the run's ``tasks`` as TaskSet, se
 ``PairedEvalDataset(pairs, task, tasks, *, crop=None, size_multiple=16, max_images=None, skip_bad_images=False)``
 ``CleanTrainDataset(root, tasks, *, patch_size=128, seed=0, augment=True, skip_bad_images=False, exclude=())``
 ``CleanEvalDataset(root, tasks, *, seed=0, crop=None, size_multiple=16, max_images=None, skip_bad_images=False)``
-``CombinedDataset(datasets)``; ``find_pairs(root, lq_dir, gt_dirs, exclude=()) -> (pairs, missing)`` (GoPro:
-``"blur", ("sharp",)``; LOL: ``"low", ("high", "gt", "normal")``). ``TRAIN_IMAGES`` / ``EVAL_IMAGES``: the
+``CombinedDataset(datasets)``; ``find_pairs(root, lq_dir, gt_dirs, exclude=(), gt_names=same) -> (pairs,
+missing)`` (``lq_dir`` one name or several; GoPro: ``("blur", "input"), ("sharp", "target")``; LOL: ``"low",
+("high", "gt", "normal")``; ``gt_names(lq file name) -> [candidate gt names]``).
+Deweathering (``tur_ext.data.weather``): ``AllWeatherTrainDataset(root, tasks, *, list_file="allweather.txt",
+task_patterns=ALLWEATHER_TASK_PATTERNS, patch_size=256, ...)``, ``AllWeatherTestDataset(root, tasks, *,
+lists=None, ...)``, ``RealWeatherTrainDataset(root, tasks, *, list_dir=None, ...)``,
+``RealWeatherTestDataset(root, tasks, ...)``; ``read_list_file(path)``, ``GT_NAMES`` (the benchmarks' gt-name
+rules). MiOIR (``tur_ext.data.mio``): ``MiOTrainDataset(root, tasks, ...)``, ``MiOTestDataset(root, tasks, ...)``. ``TRAIN_IMAGES`` / ``EVAL_IMAGES``: the
 disjoint scikit-image names (training: astronaut, rocket, stereo_motorcycle, immunohistochemistry, retina,
 hubble_deep_field, colorwheel; held out: chelsea, coffee).
 
 Degradations (``tur_ext.data.degradations``)
 --------------------------------------------
 ``DEGRADATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]]`` - one entry per name in
-``tur_ext.tasks.KNOWN_TASKS``; ``degrade(name, clean, rng) -> np.ndarray``. Input and output: float32 HxWx3 RGB in
+``tur_ext.tasks.SYNTHETIC_TASKS`` (the weather tasks exist only as published pairs); ``degrade(name, clean, rng) -> np.ndarray``. Input and output: float32 HxWx3 RGB in
 [0, 1]; the same generator state gives the same output. Parameter ranges are in ``RANGES``; the fixed-parameter
 building blocks are public too: ``gaussian_noise(img, sigma, rng)`` (sigma in 0..255 units),
 ``rain_streaks(img, rng, density, length, angle, width, opacity=0.8)``, ``haze(img, airlight, beta)`` (with
@@ -167,6 +187,9 @@ from .datasets import (EVAL_IMAGES, TRAIN_IMAGES, CleanEvalDataset, CleanTrainDa
                        EmbeddedEvalDataset, EmbeddedTrainDataset, PairedEvalDataset, PairedTrainDataset,
                        PromptIR3TestDataset, PromptIR3TrainDataset, RestorationDataset, find_pairs)
 from .degradations import DEGRADATIONS, RANGES, degrade
+from .mio import MiOTestDataset, MiOTrainDataset
+from .weather import (AllWeatherTestDataset, AllWeatherTrainDataset, RealWeatherTestDataset,
+                      RealWeatherTrainDataset)
 from .io import ImageReadError, read_image, write_image
 from .sampler import TaskBalancedBatchSampler, worker_init_fn
 
@@ -175,6 +198,8 @@ __all__ = [
     "RestorationDataset", "EmbeddedTrainDataset", "EmbeddedEvalDataset", "PromptIR3TrainDataset",
     "PromptIR3TestDataset", "PairedTrainDataset", "PairedEvalDataset", "CleanTrainDataset", "CleanEvalDataset",
     "CombinedDataset", "find_pairs", "TRAIN_IMAGES", "EVAL_IMAGES",
+    "AllWeatherTrainDataset", "AllWeatherTestDataset", "RealWeatherTrainDataset", "RealWeatherTestDataset",
+    "MiOTrainDataset", "MiOTestDataset",
     "DEGRADATIONS", "RANGES", "degrade",
     "ImageReadError", "read_image", "write_image",
     "TaskBalancedBatchSampler", "worker_init_fn",

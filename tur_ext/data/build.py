@@ -1,6 +1,7 @@
 """Datasets and loaders from the ``data:`` section of a run config (the keys are documented in :mod:`tur_ext.data`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -10,7 +11,10 @@ from torch.utils.data import DataLoader
 from ..tasks import TaskSet
 from .datasets import (EVAL_IMAGES, TRAIN_IMAGES, CleanEvalDataset, CleanTrainDataset, CombinedDataset,
                        EmbeddedEvalDataset, EmbeddedTrainDataset, PairedEvalDataset, PairedTrainDataset,
-                       PromptIR3TestDataset, PromptIR3TrainDataset, RestorationDataset, find_pairs)
+                       PromptIR3TestDataset, PromptIR3TrainDataset, RestorationDataset, _subdir, find_pairs)
+from .mio import MiOTestDataset, MiOTrainDataset
+from .weather import (ALLWEATHER_TASK_PATTERNS, AllWeatherTestDataset, AllWeatherTrainDataset,
+                      RealWeatherTestDataset, RealWeatherTrainDataset, outdoor_rain_gt_names, raindrop_gt_names)
 from .sampler import TaskBalancedBatchSampler, worker_init_fn
 
 Tasks = Union[TaskSet, str, Sequence[str]]
@@ -20,18 +24,31 @@ INHERITED_KEYS = ("seed", "patch_size", "augment", "skip_bad_images", "length", 
                   "size_multiple", "max_eval_images")
 #: Keys that describe one source.
 SOURCE_KEYS = ("type", "root", "train_root", "eval_root", "task", "datasets", "lq_dir", "gt_dir", "train_images",
-               "eval_images")
+               "eval_images", "list_file", "test_lists", "task_patterns", "list_dir")
 #: Keys the data builders ignore so that the trainer may keep its loader settings in the same section.
 LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
                "num_batches", "batches_per_epoch")
 _SECTIONS = ("train", "eval")
 _ALLOWED = set(INHERITED_KEYS) | set(SOURCE_KEYS) | set(LOADER_KEYS) | set(_SECTIONS)
 
-# Split folder names of the public layouts, tried in order (case-insensitive).
-_TRAIN_SPLITS = {"gopro": ("train",), "lol": ("our485", "train"), "paired": ("train",), "clean": ("train",)}
-_EVAL_SPLITS = {"gopro": ("test",), "lol": ("eval15", "test"), "paired": ("test", "val"), "clean": ("test", "val")}
-# (lq folder, gt folder names, task) of the fixed-task paired layouts.
-_PAIR_LAYOUT = {"gopro": ("blur", ("sharp",), "deblur"), "lol": ("low", ("high", "gt", "normal"), "lowlight")}
+# Split folder names of the public layouts, tried in order (case-insensitive; nested paths allowed).
+_TRAIN_SPLITS = {"gopro": ("train",), "lol": ("our485", "train"), "paired": ("train",), "clean": ("train",),
+                 "snow100k": ("all", "train"), "outdoor_rain": ("train",), "raindrop": ("train",)}
+_EVAL_SPLITS = {"gopro": ("test",), "lol": ("eval15", "test"), "paired": ("test", "val"), "clean": ("test", "val"),
+                "snow100k": ("test/Snow100K-L", "Snow100K-L", "test"), "outdoor_rain": ("test1", "test"),
+                "raindrop": ("test_a", "test")}
+# (lq folder names, gt folder names, task, gt file names of an lq file name or None: the same) of the fixed-task
+# paired layouts: GoPro as released (blur/sharp per sequence) or as TUR/Restormer lay it out (input/target);
+# Snow100K (synthetic/gt; TransWeather's copies input/gt), Outdoor-Rain (in/gt), RainDrop (data/gt) as released.
+_PAIR_LAYOUT = {"gopro": (("blur", "input"), ("sharp", "target"), "deblur", None),
+                "lol": (("low",), ("high", "gt", "normal"), "lowlight", None),
+                "snow100k": (("synthetic", "input"), ("gt",), "snow", None),
+                "outdoor_rain": (("in", "input", "data"), ("gt",), "rain_fog", outdoor_rain_gt_names),
+                "raindrop": (("data", "input"), ("gt",), "raindrop", raindrop_gt_names)}
+# Multi-task trees: split -> (folder names under ROOT, whether ROOT itself may serve when none exists).
+_TREE_SPLITS = {"allweather": {"train": (("train",), True), "eval": (("test",), True)},
+                "real_weather": {"train": (("train",), True), "eval": (("test",), False)},
+                "mio": {"train": (("DF2K", "train"), True), "eval": (("CL_test", "MiO_test", "test"), False)}}
 
 
 def _section(cfg: Optional[Mapping[str, Any]], which: str) -> dict:
@@ -71,11 +88,8 @@ def _get(spec: Mapping[str, Any], key: str, default: Any, kind: type, where: str
 
 
 def _find_split(root: Path, names: Sequence[str]) -> Optional[Path]:
-    for n in names:
-        for c in sorted(root.iterdir()):
-            if c.is_dir() and c.name.lower() == n:
-                return c
-    return None
+    """The first of ``names`` (case-insensitive; a nested ``a/b`` too) that is a folder under ``root``."""
+    return _subdir(root, *names)
 
 
 def _split_dir(spec: Mapping[str, Any], kind: str, split: str, where: str) -> tuple[Path, list[Path]]:
@@ -83,12 +97,7 @@ def _split_dir(spec: Mapping[str, Any], kind: str, split: str, where: str) -> tu
     explicit = spec.get(f"{split}_root")
     if explicit is not None:
         return Path(explicit), []
-    root = spec.get("root")
-    if root is None:
-        raise ValueError(f"{where}: type {kind!r} needs a root (or {split}_root) folder")
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{where}.root: folder {str(root)!r} does not exist")
+    root = _need_root(spec, kind, split, where)
     found = _find_split(root, (_TRAIN_SPLITS if split == "train" else _EVAL_SPLITS)[kind])
     if found is not None:
         return found, []
@@ -100,78 +109,180 @@ def _split_dir(spec: Mapping[str, Any], kind: str, split: str, where: str) -> tu
                      f"of {list(_EVAL_SPLITS[kind])} or an eval_root key")
 
 
-def _build(spec: dict, tasks: TaskSet, split: str, where: str) -> RestorationDataset:
-    _check_keys(spec, where)
-    kind = _get(spec, "type", "embedded", str, where)
-    seed = _get(spec, "seed", 0, int, where)
-    patch = _get(spec, "patch_size", 128, int, where)
-    augment = _get(spec, "augment", True, bool, where)
-    skip = _get(spec, "skip_bad_images", False, bool, where)
-    size_multiple = _get(spec, "size_multiple", 16, int, where)
-    max_images = _get(spec, "max_eval_images", None, int, where)
-    train = split == "train"
+def _need_root(spec: Mapping[str, Any], kind: str, split: str, where: str) -> Path:
+    root = spec.get("root")
+    if root is None:
+        raise ValueError(f"{where}: type {kind!r} needs a root (or {split}_root) folder")
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{where}.root: folder {str(root)!r} does not exist")
+    return root
 
-    if kind == "embedded":
-        if train:
-            return EmbeddedTrainDataset(tasks, patch_size=patch, length=_get(spec, "length", 1000, int, where),
-                                        seed=seed, augment=augment,
-                                        images=tuple(spec.get("train_images") or TRAIN_IMAGES))
-        return EmbeddedEvalDataset(tasks, crop_size=_get(spec, "eval_crop", 128, int, where),
-                                   crops_per_task=_get(spec, "eval_crops_per_task", 4, int, where), seed=seed,
-                                   images=tuple(spec.get("eval_images") or EVAL_IMAGES))
-    crop = _get(spec, "eval_crop", None, int, where)
-    if kind == "promptir3":
-        root = spec.get(f"{split}_root") or spec.get("root")
-        if root is None:
-            raise ValueError(f"{where}: type 'promptir3' needs a root folder (holding Train/ and test/)")
-        if train:
-            return PromptIR3TrainDataset(root, tasks, patch_size=patch, seed=seed, augment=augment,
-                                         skip_bad_images=skip)
-        return PromptIR3TestDataset(root, tasks, seed=seed, crop=crop, size_multiple=size_multiple,
-                                    max_images=max_images, skip_bad_images=skip)
-    if kind == "clean":
-        d, exclude = _split_dir(spec, kind, split, where)
-        if train:
-            return CleanTrainDataset(d, tasks, patch_size=patch, seed=seed, augment=augment, skip_bad_images=skip,
-                                     exclude=exclude)
-        return CleanEvalDataset(d, tasks, seed=seed, crop=crop, size_multiple=size_multiple, max_images=max_images,
-                                skip_bad_images=skip)
-    if kind in ("gopro", "lol", "paired"):
+
+def _tree_dir(spec: Mapping[str, Any], kind: str, split: str, where: str) -> Path:
+    """The folder of a multi-task tree for ``split``: ``<split>_root``, else ROOT/<split folder> (see
+    ``_TREE_SPLITS``), else ROOT itself where the layout keeps both splits apart by file names (``None`` entry)."""
+    explicit = spec.get(f"{split}_root")
+    if explicit is not None:
+        return Path(explicit)
+    root = _need_root(spec, kind, split, where)
+    names, root_ok = _TREE_SPLITS[kind][split]
+    found = _find_split(root, names)
+    if found is not None:
+        return found
+    if root_ok:
+        return root
+    raise ValueError(f"{where}: no {split} split for type {kind!r} under {str(root)!r}: expected a folder named one "
+                     f"of {list(names)} or an {split}_root key")
+
+
+@dataclass(frozen=True)
+class _Common:
+    """The settings every source shares, parsed once."""
+
+    train: bool
+    seed: int
+    patch: int
+    augment: bool
+    skip: bool
+    size_multiple: int
+    max_images: Optional[int]
+    crop: Optional[int]
+
+    def train_kw(self) -> dict:
+        return dict(patch_size=self.patch, seed=self.seed, augment=self.augment, skip_bad_images=self.skip)
+
+    def eval_kw(self) -> dict:
+        return dict(seed=self.seed, crop=self.crop, size_multiple=self.size_multiple, max_images=self.max_images,
+                    skip_bad_images=self.skip)
+
+
+def _embedded(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    if c.train:
+        return EmbeddedTrainDataset(tasks, patch_size=c.patch, length=_get(spec, "length", 1000, int, where),
+                                    seed=c.seed, augment=c.augment,
+                                    images=tuple(spec.get("train_images") or TRAIN_IMAGES))
+    return EmbeddedEvalDataset(tasks, crop_size=_get(spec, "eval_crop", 128, int, where),
+                               crops_per_task=_get(spec, "eval_crops_per_task", 4, int, where), seed=c.seed,
+                               images=tuple(spec.get("eval_images") or EVAL_IMAGES))
+
+
+def _promptir3(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    root = spec.get(f"{split}_root") or spec.get("root")
+    if root is None:
+        raise ValueError(f"{where}: type 'promptir3' needs a root folder (holding Train/ and test/)")
+    if c.train:
+        return PromptIR3TrainDataset(root, tasks, **c.train_kw())
+    return PromptIR3TestDataset(root, tasks, **c.eval_kw())
+
+
+def _clean(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    d, exclude = _split_dir(spec, "clean", split, where)
+    if c.train:
+        return CleanTrainDataset(d, tasks, exclude=exclude, **c.train_kw())
+    return CleanEvalDataset(d, tasks, **c.eval_kw())
+
+
+def _paired(kind: str):
+    """The builder of a one-task paired-folder layout (``_PAIR_LAYOUT``), or of ``paired`` (folders from keys)."""
+
+    def build(spec, tasks, split, where, c: _Common) -> RestorationDataset:
         if kind == "paired":
             task = _get(spec, "task", None, str, where)
             if task is None:
                 raise ValueError(f"{where}: type 'paired' needs a task name (task: ...)")
-            lq_name, gt_names = spec.get("lq_dir", "lq"), (spec.get("gt_dir", "gt"),)
+            lq_names, gt_names, gt_rule = (spec.get("lq_dir", "lq"),), (spec.get("gt_dir", "gt"),), None
         else:
-            lq_name, gt_names, task = _PAIR_LAYOUT[kind]
+            lq_names, gt_names, task, gt_rule = _PAIR_LAYOUT[kind]
             if spec.get("task", task) != task:
                 raise ValueError(f"{where}.task: type {kind!r} is task {task!r}, got {spec['task']!r}")
         d, exclude = _split_dir(spec, kind, split, where)
-        pairs, missing = find_pairs(d, lq_name, gt_names, exclude)
+        pairs, missing = find_pairs(d, lq_names, gt_names, exclude, **({"gt_names": gt_rule} if gt_rule else {}))
         if not pairs and not missing:
-            raise ValueError(f"{where}: no {lq_name}/ folder with a sibling {'|'.join(gt_names)}/ folder under "
-                             f"{str(d)!r}")
-        if train:
-            return PairedTrainDataset(pairs, task, tasks, patch_size=patch, seed=seed, augment=augment,
-                                      skip_bad_images=skip, missing=missing)
-        return PairedEvalDataset(pairs, task, tasks, crop=crop, size_multiple=size_multiple, max_images=max_images,
-                                 skip_bad_images=skip, missing=missing)
-    if kind == "combined":
-        parts = spec.get("datasets")
-        if not isinstance(parts, (list, tuple)) or not parts:
-            raise ValueError(f"{where}.datasets: type 'combined' needs a non-empty list of dataset sections")
-        built = []
-        for i, part in enumerate(parts):
-            if not isinstance(part, Mapping):
-                raise TypeError(f"{where}.datasets[{i}]: expected a mapping, got {type(part).__name__}")
-            child = {k: spec[k] for k in INHERITED_KEYS if k in spec}
-            child.update(part)
-            # Distinct streams per part: parts with the same seed would otherwise draw correlated crops.
-            child["seed"] = int(child.get("seed", 0)) + 1_000_003 * (i + 1)
-            built.append(_build(child, tasks, split, f"{where}.datasets[{i}]"))
-        return CombinedDataset(built)
-    raise ValueError(f"{where}.type: unknown data type {kind!r}; expected one of "
-                     "['embedded', 'promptir3', 'gopro', 'lol', 'paired', 'clean', 'combined']")
+            raise ValueError(f"{where}: no {'|'.join(lq_names)}/ folder with a sibling {'|'.join(gt_names)}/ folder "
+                             f"under {str(d)!r}")
+        if c.train:
+            return PairedTrainDataset(pairs, task, tasks, missing=missing, **c.train_kw())
+        kw = c.eval_kw()
+        kw.pop("seed")
+        return PairedEvalDataset(pairs, task, tasks, missing=missing, **kw)
+
+    return build
+
+
+def _allweather(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    d = _tree_dir(spec, "allweather", split, where)
+    if c.train:
+        return AllWeatherTrainDataset(d, tasks, list_file=_get(spec, "list_file", "allweather.txt", str, where),
+                                      task_patterns=spec.get("task_patterns") or ALLWEATHER_TASK_PATTERNS,
+                                      **c.train_kw())
+    lists = spec.get("test_lists")
+    if lists is not None and not isinstance(lists, Mapping):
+        raise TypeError(f"{where}.test_lists: expected a mapping {{task: list file name}}, got {lists!r}")
+    return AllWeatherTestDataset(d, tasks, lists=lists, **c.eval_kw())
+
+
+def _real_weather(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    d = _tree_dir(spec, "real_weather", split, where)
+    if c.train:
+        return RealWeatherTrainDataset(d, tasks, list_dir=spec.get("list_dir"), **c.train_kw())
+    return RealWeatherTestDataset(d, tasks, **c.eval_kw())
+
+
+def _mio(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    d = _tree_dir(spec, "mio", split, where)
+    if c.train:
+        return MiOTrainDataset(d, tasks, **c.train_kw())
+    return MiOTestDataset(d, tasks, **c.eval_kw())
+
+
+def _combined(spec, tasks, split, where, c: _Common) -> RestorationDataset:
+    parts = spec.get("datasets")
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ValueError(f"{where}.datasets: type 'combined' needs a non-empty list of dataset sections")
+    built = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, Mapping):
+            raise TypeError(f"{where}.datasets[{i}]: expected a mapping, got {type(part).__name__}")
+        child = {k: spec[k] for k in INHERITED_KEYS if k in spec}
+        child.update(part)
+        # Distinct streams per part: parts with the same seed would otherwise draw correlated crops.
+        child["seed"] = int(child.get("seed", 0)) + 1_000_003 * (i + 1)
+        built.append(_build(child, tasks, split, f"{where}.datasets[{i}]"))
+    return CombinedDataset(built)
+
+
+#: ``data.type`` -> its builder ``(spec, tasks, split, where, common) -> dataset``: the one place sources are
+#: registered.
+BUILDERS = {
+    "embedded": _embedded,
+    "promptir3": _promptir3,
+    "gopro": _paired("gopro"),
+    "lol": _paired("lol"),
+    "paired": _paired("paired"),
+    "clean": _clean,
+    "snow100k": _paired("snow100k"),
+    "outdoor_rain": _paired("outdoor_rain"),
+    "raindrop": _paired("raindrop"),
+    "allweather": _allweather,
+    "real_weather": _real_weather,
+    "mio": _mio,
+    "combined": _combined,
+}
+
+
+def _build(spec: dict, tasks: TaskSet, split: str, where: str) -> RestorationDataset:
+    _check_keys(spec, where)
+    kind = _get(spec, "type", "embedded", str, where)
+    if kind not in BUILDERS:
+        raise ValueError(f"{where}.type: unknown data type {kind!r}; expected one of {list(BUILDERS)}")
+    common = _Common(train=split == "train", seed=_get(spec, "seed", 0, int, where),
+                     patch=_get(spec, "patch_size", 128, int, where), augment=_get(spec, "augment", True, bool, where),
+                     skip=_get(spec, "skip_bad_images", False, bool, where),
+                     size_multiple=_get(spec, "size_multiple", 16, int, where),
+                     max_images=_get(spec, "max_eval_images", None, int, where),
+                     crop=None if kind == "embedded" else _get(spec, "eval_crop", None, int, where))
+    return BUILDERS[kind](spec, tasks, split, where, common)
 
 
 def build_train_dataset(cfg: Optional[Mapping[str, Any]], tasks: Tasks) -> RestorationDataset:

@@ -255,31 +255,39 @@ def _pair_files(lq_files: Sequence[str], gt_dir: PathLike, candidates) -> tuple[
     return pairs, missing
 
 
-def find_pairs(root: PathLike, lq_dir: str, gt_dirs: Sequence[str], exclude: Sequence[PathLike] = (),
+def _same_name(name: str) -> list[str]:
+    return [name]
+
+
+def find_pairs(root: PathLike, lq_dir: Union[str, Sequence[str]], gt_dirs: Sequence[str],
+               exclude: Sequence[PathLike] = (), gt_names=_same_name,
                ) -> tuple[list[Pair], list[tuple[str, str]]]:
-    """Pairs (lq, gt) from every folder named ``lq_dir`` under ``root`` (case-insensitive; the ``exclude`` folders
-    are not searched) that has a sibling named one of ``gt_dirs``; a gt is the file of the same name, else of the
-    same stem. Returns (pairs, missing) where missing lists (lq path, expected gt path) for lq files without a gt."""
+    """Pairs (lq, gt) from every folder named ``lq_dir`` (or one of several names) under ``root``
+    (case-insensitive; the ``exclude`` folders are not searched) that has a sibling named one of ``gt_dirs``; a gt
+    is the first of ``gt_names(lq file name)`` present (by default the same name), else one with the same stem.
+    Returns (pairs, missing) where missing lists (lq path, expected gt path) for lq files without a gt."""
     root = str(root)
     if not os.path.isdir(root):
         raise ValueError(f"root: folder {root!r} does not exist")
     pairs: list[Pair] = []
     missing: list[tuple[str, str]] = []
+    want_lq = [lq_dir.lower()] if isinstance(lq_dir, str) else [d.lower() for d in lq_dir]
     want_gt = [g.lower() for g in gt_dirs]
     skip = {os.path.realpath(e) for e in exclude}
     for dirpath, dirnames, _ in os.walk(root):
         _prune(dirpath, dirnames, skip)
         lower = {d.lower(): d for d in dirnames}
-        if lq_dir.lower() not in lower:
-            continue
         gt_name = next((lower[g] for g in want_gt if g in lower), None)
         if gt_name is None:
             continue
-        lq_folder = os.path.join(dirpath, lower[lq_dir.lower()])
-        lq_files = [f for f in list_images(lq_folder) if os.path.dirname(f) == lq_folder]
-        p, m = _pair_files(lq_files, os.path.join(dirpath, gt_name), lambda n: [n])
-        pairs += p
-        missing += m
+        for lq_name in want_lq:
+            if lq_name not in lower or lower[lq_name] == gt_name:
+                continue
+            lq_folder = os.path.join(dirpath, lower[lq_name])
+            lq_files = [f for f in list_images(lq_folder) if os.path.dirname(f) == lq_folder]
+            p, m = _pair_files(lq_files, os.path.join(dirpath, gt_name), gt_names)
+            pairs += p
+            missing += m
     return pairs, missing
 
 
