@@ -34,10 +34,10 @@ inline torch::Tensor reflect_index(int64_t size, int64_t padded, const torch::De
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Reflect-pad the last two dims on the bottom/right up to multiples of `m`.
-inline torch::Tensor pad_to_multiple(const torch::Tensor& x, int64_t m) {
+// Reflect-pad the last two dims on the bottom/right up to multiples of `m`, and at least `min_size`.
+inline torch::Tensor pad_to_multiple(const torch::Tensor& x, int64_t m, int64_t min_size = 1) {
   const int64_t h = x.size(-2), w = x.size(-1);
-  const int64_t ph = round_up(h, m), pw = round_up(w, m);
+  const int64_t ph = round_up(std::max(h, min_size), m), pw = round_up(std::max(w, min_size), m);
   torch::Tensor y = x;
   if (ph != h) y = y.index_select(-2, reflect_index(h, ph, x.device()));
   if (pw != w) y = y.index_select(-1, reflect_index(w, pw, x.device()));
@@ -45,9 +45,10 @@ inline torch::Tensor pad_to_multiple(const torch::Tensor& x, int64_t m) {
 }
 
 // (tile, overlap) after rounding the tile down to a multiple of `m` and defaulting the overlap, or nullopt for no
-// tiling (tile == 0). Throws TilingError naming the option.
+// tiling (tile == 0); the tile must be at least `min_size`, the model's smallest input. Throws TilingError naming the
+// option.
 inline std::optional<std::pair<int64_t, int64_t>> resolve_tiling(int64_t tile, std::optional<int64_t> overlap,
-                                                                 int64_t m) {
+                                                                 int64_t m, int64_t min_size = 1) {
   if (tile == 0) {
     if (overlap) throw TilingError("--overlap", "only meaningful with --tile");
     return std::nullopt;
@@ -58,6 +59,10 @@ inline std::optional<std::pair<int64_t, int64_t>> resolve_tiling(int64_t tile, s
     throw TilingError("--tile", std::to_string(tile) + " is smaller than the model's size multiple " +
                                     std::to_string(m) + "; expected a tile of at least " + std::to_string(m) +
                                     " pixels");
+  if (tile < min_size)
+    throw TilingError("--tile", std::to_string(tile) + " is smaller than the model's smallest input " +
+                                    std::to_string(min_size) + "; expected a tile of at least " +
+                                    std::to_string(min_size) + " pixels");
   const int64_t t = tile / m * m;
   const int64_t o = overlap ? *overlap : std::min(kDefaultOverlap, t / 2);
   if (o < 0 || o >= t)

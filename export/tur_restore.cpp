@@ -2,9 +2,10 @@
 //
 //   tur-restore --model PATH --input IN --output OUT [--tile N [--overlap M]] [--device cpu|cuda[:N]] [--half]
 //
-// The same procedure as `tur restore` (tur_ext/inference.py): float RGB in [0, 1] -> the model's value range and
-// channel order -> reflect-pad to the size multiple -> whole image or overlapping tiles blended with linear ramps
-// (tiling.hpp) -> crop -> clamp -> 8-bit (16-bit when the input is 16-bit and the output is PNG/TIFF).
+// The same procedure as `tur restore` (tur_ext/inference.py): float RGB in [0, 1] -> the model's input value range
+// and channel order -> reflect-pad to the size multiple (and the smallest input size) -> whole image or overlapping
+// tiles blended with linear ramps (tiling.hpp) -> crop -> back from the model's output range -> clamp -> 8-bit
+// (16-bit when the input is 16-bit and the output is PNG/TIFF).
 // Errors are one line on stderr, "tur-restore: error: ...", with the exit codes listed in kUsage.
 #include <c10/util/Exception.h>
 #include <caffe2/serialize/inline_container.h>
@@ -44,7 +45,7 @@ constexpr const char* kUsage =
     "[--half]\n"
     "\n"
     "Restore one image with a model exported by `tur export` (.pt TorchScript or .pt2 AOTInductor).\n"
-    "  --model PATH    the exported model; its metadata gives the size multiple, value range and channel order\n"
+    "  --model PATH    the exported model; its metadata gives the size rule, value ranges and channel order\n"
     "  --input IN      PNG, JPEG or TIFF (8- or 16-bit, gray or color)\n"
     "  --output OUT    the restored image; 16-bit when the input is 16-bit and OUT is .png/.tif/.tiff\n"
     "  --tile N        process tiles of N pixels (rounded down to the size multiple; 0: whole image, default)\n"
@@ -298,8 +299,9 @@ enum class Artifact { TorchScript, Aoti };
 struct Metadata {
   Artifact artifact = Artifact::TorchScript;
   std::string arch, channel_order = "RGB", dtype = "float32", device = "cpu", torch_version, torchscript_mode;
-  int64_t size_multiple = 1, in_channels = 3, max_side = 0;  // max_side 0: no limit
-  double lo = 0.0, hi = 1.0;
+  int64_t size_multiple = 1, min_size = 1, in_channels = 3, max_side = 0;  // max_side 0: no limit
+  double lo = 0.0, hi = 1.0;          // value_range: the model's input range
+  double out_lo = 0.0, out_hi = 1.0;  // output_range (value_range where the metadata has none)
   bool supports_fp16 = false;
 };
 
@@ -345,14 +347,22 @@ Metadata parse_metadata(const std::string& path, const std::string& text, Artifa
     m.max_side = static_cast<int64_t>(f->number);
   if (const auto* f = v.find("supports_fp16"); f && f->type == tur::json::Value::Type::Bool)
     m.supports_fp16 = f->boolean;
-  const auto* range = v.find("value_range");
-  if (!range || range->type != tur::json::Value::Type::Array || range->array.size() != 2 ||
-      range->array[0].type != tur::json::Value::Type::Number || range->array[1].type != tur::json::Value::Type::Number)
-    fail(kModelError, model_error_prefix(path) + "metadata value_range must be [low, high]");
-  m.lo = range->array[0].number;
-  m.hi = range->array[1].number;
-  if (!(m.hi > m.lo)) fail(kModelError, model_error_prefix(path) + "metadata value_range must be increasing");
+  auto range = [&](const char* key, double& lo, double& hi) {
+    const auto* r = v.find(key);
+    if (!r || r->type != tur::json::Value::Type::Array || r->array.size() != 2 ||
+        r->array[0].type != tur::json::Value::Type::Number || r->array[1].type != tur::json::Value::Type::Number)
+      fail(kModelError, model_error_prefix(path) + "metadata " + key + " must be [low, high]");
+    lo = r->array[0].number;
+    hi = r->array[1].number;
+    if (!(hi > lo)) fail(kModelError, model_error_prefix(path) + "metadata " + key + " must be increasing");
+  };
+  range("value_range", m.lo, m.hi);
+  m.out_lo = m.lo;
+  m.out_hi = m.hi;
+  if (v.find("output_range")) range("output_range", m.out_lo, m.out_hi);
   if (m.size_multiple < 1) fail(kModelError, model_error_prefix(path) + "metadata size_multiple must be >= 1");
+  m.min_size = v.find("min_size") ? static_cast<int64_t>(num("min_size")) : m.size_multiple;
+  if (m.min_size < 1) fail(kModelError, model_error_prefix(path) + "metadata min_size must be >= 1");
   if (m.channel_order != "RGB" && m.channel_order != "BGR")
     fail(kModelError, model_error_prefix(path) + "metadata channel_order must be RGB or BGR");
   if (m.in_channels != 3)
@@ -454,6 +464,7 @@ class Model {
   }
 
   int64_t size_multiple() const { return meta_.size_multiple; }
+  int64_t min_size() const { return meta_.min_size; }
 
   // (B, C, H, W) with H, W multiples of the size multiple -> the model's output, in its dtype.
   torch::Tensor operator()(const torch::Tensor& x) {
@@ -462,7 +473,7 @@ class Model {
     return module_.forward({in}).toTensor();
   }
 
-  // Value range and channel order of the model (tur_ext.inference.Restorer._to_model / _from_model).
+  // Value ranges and channel order of the model (tur_ext.inference.Restorer._to_model / _from_model).
   torch::Tensor to_model(torch::Tensor x) const {
     if (meta_.lo != 0.0 || meta_.hi != 1.0) x = x * (meta_.hi - meta_.lo) + meta_.lo;
     return meta_.channel_order == "BGR" ? x.flip({1}) : x;
@@ -470,7 +481,7 @@ class Model {
   torch::Tensor from_model(torch::Tensor y) const {
     y = y.to(torch::kFloat);
     if (meta_.channel_order == "BGR") y = y.flip({1});
-    if (meta_.lo != 0.0 || meta_.hi != 1.0) y = (y - meta_.lo) / (meta_.hi - meta_.lo);
+    if (meta_.out_lo != 0.0 || meta_.out_hi != 1.0) y = (y - meta_.out_lo) / (meta_.out_hi - meta_.out_lo);
     return y.clamp(0.0, 1.0);
   }
 
@@ -486,7 +497,7 @@ torch::Tensor restore(Model& model, const torch::Tensor& rgb, const torch::Devic
                       const std::optional<std::pair<int64_t, int64_t>>& tiling) {
   const int64_t h = rgb.size(-2), w = rgb.size(-1);
   auto x = model.to_model(rgb.to(device, torch::kFloat));
-  auto padded = tur::pad_to_multiple(x, model.size_multiple());
+  auto padded = tur::pad_to_multiple(x, model.size_multiple(), model.min_size());
   auto fn = [&](const torch::Tensor& t) { return model(t); };
   auto out = tiling ? tur::run_tiled(fn, padded, tiling->first, tiling->second) : fn(padded);
   return model.from_model(out.narrow(-2, 0, h).narrow(-1, 0, w));
@@ -522,14 +533,15 @@ int run(int argc, char** argv) {
   Metadata meta = inspect_model(opt.model);
   std::optional<std::pair<int64_t, int64_t>> tiling;
   try {
-    tiling = tur::resolve_tiling(opt.tile, opt.overlap, meta.size_multiple);
+    tiling = tur::resolve_tiling(opt.tile, opt.overlap, meta.size_multiple, meta.min_size);
   } catch (const tur::TilingError& e) {
     fail(kUsageError, e.option + ": " + e.what());
   }
   const torch::ScalarType dtype = resolve_dtype(meta, device, opt.half, opt.model);
   if (meta.max_side > 0) {  // what the model will see: the padded image, or a tile of it
     const int64_t m = meta.size_multiple;
-    const int64_t side = std::max(tur::round_up(image.rgb.size(-2), m), tur::round_up(image.rgb.size(-1), m));
+    const int64_t side = std::max(tur::round_up(std::max(image.rgb.size(-2), meta.min_size), m),
+                                  tur::round_up(std::max(image.rgb.size(-1), meta.min_size), m));
     const int64_t fed = tiling ? std::min(tiling->first, side) : side;
     if (fed > meta.max_side)
       fail(kUsageError, std::string(tiling ? "--tile" : "--input") + ": " + in_quotes(opt.model) +

@@ -127,7 +127,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise ValueError("--overlap: only meaningful with --tile")
     restorer = load_restorer(args.model, device=args.device, half=args.half, use_ema=not args.no_ema)
     try:
-        resolve_tiling(tile, args.overlap, restorer.size_multiple)
+        resolve_tiling(tile, args.overlap, restorer.size_multiple, restorer.min_size)
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None  # "tile: ..." -> "--tile: ...": name the option the user typed
     written = restore_files(restorer, args.images, args.out, tile=tile, overlap=args.overlap,

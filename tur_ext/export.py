@@ -6,10 +6,12 @@
     net = load_exported("model.pt2")                          # callable: (B, 3, H, W) -> (B, 3, H, W)
 
 What an artifact computes: the plain backbone (the uncertainty head is stripped) on ``(B, C, H, W)`` tensors whose H
-and W are multiples of ``size_multiple``, values in ``value_range`` (``[0, 1]``), channels in ``channel_order``
-(``RGB``). Padding to the multiple is the caller's job (:mod:`tur_ext.inference` and the C++ runner reflect-pad and
-crop back); it is never inside the exported graph. AOTInductor packages have a dynamic batch and dynamic H and W
-(multiples of ``size_multiple``); they compute whatever a wrongly sized input gives them without complaint, so
+and W are multiples of ``size_multiple`` and at least ``min_size``, values in ``value_range`` (the model's input
+range, [0, 1] for most backbones), channels in ``channel_order`` (``RGB``); the output is in ``output_range``.
+Padding to the size rule is the caller's job (:mod:`tur_ext.inference` and the C++ runner reflect-pad and crop back,
+and map [0, 1] to and from the two ranges); it is never inside the exported graph. AOTInductor packages have a
+dynamic batch and dynamic H and W (multiples of ``size_multiple`` from the model's ``export_min_size`` up, which
+the package's ``min_size`` records); they compute whatever a wrongly sized input gives them without complaint, so
 :class:`ExportedModel` and the runner check the shape first.
 
 Metadata travels with the artifact as one JSON object (see :func:`build_metadata`): the TorchScript extra file
@@ -18,7 +20,8 @@ torch release that compiled it: :func:`load_exported` (and the runner) refuse an
 the package's shared library is loaded.
 
 Before an artifact is written, the saved file is loaded back and compared with the eager model at two sizes (default
-``(4m, 6m)`` and ``(7m, 3m)`` for ``m = size_multiple``): max abs difference <= 1e-4 in fp32 (1e-2 in fp16), or
+``((k+3)m, (k+5)m)`` and ``((k+6)m, (k+2)m)`` for ``m = size_multiple`` and ``k`` the artifact's ``min_size`` in
+multiples of ``m``, at least 1): max abs difference <= 1e-4 in fp32 (1e-2 in fp16), or
 :class:`ExportParityError`. The file is written to a temporary folder next to ``path`` and renamed into place, so a
 failed export never leaves a half-written or unchecked artifact behind.
 """
@@ -65,7 +68,6 @@ FORMAT_VERSION = 1
 TORCHSCRIPT_METADATA_FILE = "tur_meta.json"
 #: The AOTInductor package metadata key holding the metadata JSON.
 AOTI_METADATA_KEY = "tur_meta"
-VALUE_RANGE = (0.0, 1.0)
 CHANNEL_ORDER = "RGB"
 #: Parity tolerance (max abs, eager vs exported) per dtype.
 PARITY_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2}
@@ -154,17 +156,21 @@ def build_metadata(model: nn.Module, *, artifact: str, tasks: Union[None, str, S
 
     Keys: ``format``/``format_version``, ``artifact`` ("torchscript" or "aoti"), ``arch`` and ``config`` (rebuild
     with ``tur_ext.models.build(arch, **config)``), ``size_multiple``, ``in_channels``/``out_channels``,
-    ``layout`` ("NCHW"), ``value_range`` ([0, 1]), ``channel_order`` ("RGB"), ``dtype``, ``device`` (the device type
+    ``layout`` ("NCHW"), ``value_range`` and ``output_range`` (the model's input and output ranges, [low, high]),
+    ``min_size`` (the smallest H and W; for AOTInductor the model's ``export_min_size``), ``channel_order`` ("RGB"),
+    ``dtype``, ``device`` (the device type
     it was exported on: AOTInductor packages only run there), ``supports_fp16``, ``torch_version``,
     ``tur_ext_version``, ``tasks`` (the task names it was trained on, in id order; empty when unknown), for
     TorchScript ``torchscript_mode`` ("script" or "trace": only scripted modules may be cast to another dtype), and
     for AOTInductor ``max_side`` (the largest height or width the package accepts; larger images need tiling).
     """
     from . import __version__
+    from .models import model_ranges
 
     if artifact not in _METADATA_ARTIFACTS:
         raise ValueError(f"artifact: expected one of {_METADATA_ARTIFACTS}, got {artifact!r}")
     param = next(model.parameters())
+    input_range, output_range = model_ranges(model)
     meta: Dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -172,10 +178,12 @@ def build_metadata(model: nn.Module, *, artifact: str, tasks: Union[None, str, S
         "arch": str(model.arch),
         "config": dict(model.config),
         "size_multiple": int(model.size_multiple),
+        "min_size": _min_size(model, artifact),
         "in_channels": int(model.in_channels),
         "out_channels": int(model.out_channels),
         "layout": "NCHW",
-        "value_range": list(VALUE_RANGE),
+        "value_range": list(input_range),
+        "output_range": list(output_range),
         "channel_order": CHANNEL_ORDER,
         "dtype": _DTYPE_NAMES[param.dtype],
         "device": param.device.type,
@@ -192,16 +200,29 @@ def build_metadata(model: nn.Module, *, artifact: str, tasks: Union[None, str, S
     return meta
 
 
+def _min_size(model: nn.Module, artifact: str) -> int:
+    """The smallest H and W an artifact of ``model`` runs at: ``min_size``, and for AOTInductor (whose dynamic shapes
+    may need more) ``export_min_size``; always a multiple of ``size_multiple``."""
+    m = int(model.size_multiple)
+    low = int(getattr(model, "min_size", 1))
+    if artifact == "aoti" and getattr(model, "export_min_size", None) is not None:
+        low = max(low, int(model.export_min_size))
+    return -(-low // m) * m
+
+
 # --- parity and atomic writing ------------------------------------------------------------------------------------
 
-def _parity_sizes(sizes: Optional[Sequence[Tuple[int, int]]], m: int) -> List[Tuple[int, int]]:
+def _parity_sizes(sizes: Optional[Sequence[Tuple[int, int]]], m: int, low: int) -> List[Tuple[int, int]]:
     if sizes is None:
-        return [(4 * m, 6 * m), (7 * m, 3 * m)]
+        k = max(1, low // m)
+        return [((k + 3) * m, (k + 5) * m), ((k + 6) * m, (k + 2) * m)]
     out = []
     for s in sizes:
         if (not isinstance(s, (tuple, list)) or len(s) != 2
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < m or v % m for v in s)):
-            raise ValueError(f"parity_sizes: expected (H, W) pairs of positive multiples of {m}, got {s!r}")
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < max(m, low) or v % m for v in s)):
+            at_least = f" of at least {low}" if low > m else ""
+            raise ValueError(f"parity_sizes: expected (H, W) pairs of positive multiples of {m}{at_least}, "
+                             f"got {s!r}")
         out.append((int(s[0]), int(s[1])))
     if len(out) < 1:
         raise ValueError("parity_sizes: expected at least one size")
@@ -285,8 +306,7 @@ def export_torchscript(model: nn.Module, path: PathLike, *, tasks: Union[None, s
     """Write ``model`` (head stripped, eval) as a TorchScript file at ``path`` (``.pt``), parity-checked first."""
     out = _out_path(path, ".pt", "TorchScript")
     net = prepare_for_export(model, device=device, half=half)
-    m = net.size_multiple
-    sizes = _parity_sizes(parity_sizes, m)
+    sizes = _parity_sizes(parity_sizes, net.size_multiple, _min_size(net, "torchscript"))
     inputs = _parity_inputs(net, sizes)
     scripted, mode = _to_torchscript(net, inputs[0])
     meta = build_metadata(net, artifact="torchscript", tasks=tasks, torchscript_mode=mode)
@@ -307,16 +327,18 @@ def _dtype_of(net: nn.Module) -> torch.dtype:
 # --- AOTInductor --------------------------------------------------------------------------------------------------
 
 def export_program(net: nn.Module) -> "torch.export.ExportedProgram":
-    """``torch.export`` of a prepared backbone: dynamic batch, H and W dynamic as multiples of ``size_multiple``."""
+    """``torch.export`` of a prepared backbone: dynamic batch, H and W dynamic as multiples of ``size_multiple`` from
+    the artifact's ``min_size`` (:func:`_min_size`) up."""
     from torch.export import Dim
 
     m = net.size_multiple
+    low = _min_size(net, "aoti") // m
     param = next(net.parameters())
     batch = Dim("batch", min=1, max=1024)
-    hb = Dim("height_blocks", min=1, max=MAX_SIDE // m)
-    wb = Dim("width_blocks", min=1, max=MAX_SIDE // m)
+    hb = Dim("height_blocks", min=low, max=MAX_SIDE // m)
+    wb = Dim("width_blocks", min=low, max=MAX_SIDE // m)
     # Example sizes >= 2 and pairwise different, so that export neither specialises nor unifies any of them.
-    example = torch.rand(2, net.in_channels, 5 * m, 4 * m, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, net.in_channels, (low + 4) * m, (low + 3) * m, generator=torch.Generator().manual_seed(0))
     example = example.to(device=param.device, dtype=param.dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec, LeafSpec")
@@ -333,7 +355,7 @@ def export_aoti(model: nn.Module, path: PathLike, *, tasks: Union[None, str, Seq
     """
     out = _out_path(path, ".pt2", "AOTInductor")
     net = prepare_for_export(model, device=device, half=half)
-    sizes = _parity_sizes(parity_sizes, net.size_multiple)
+    sizes = _parity_sizes(parity_sizes, net.size_multiple, _min_size(net, "aoti"))
     inputs = _parity_inputs(net, sizes)
     meta = build_metadata(net, artifact="aoti", tasks=tasks)
     program = export_program(net)
@@ -467,6 +489,10 @@ class ExportedModel:
         return int(self.metadata["size_multiple"])
 
     @property
+    def min_size(self) -> int:
+        return int(self.metadata.get("min_size", self.size_multiple))
+
+    @property
     def in_channels(self) -> int:
         return int(self.metadata.get("in_channels", 3))
 
@@ -481,9 +507,11 @@ class ExportedModel:
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"x: expected shape (B, {c}, H, W), got {tuple(x.shape)}")
         h, w = int(x.shape[-2]), int(x.shape[-1])
-        if h % m or w % m or h == 0 or w == 0:
-            raise ValueError(f"x: height and width must be positive multiples of {m}, got {h}x{w}; pad with "
-                             f"tur_ext.models.pad_to_multiple (tur_ext.inference does it for you)")
+        low = max(1, self.min_size)
+        if h % m or w % m or h < low or w < low:
+            at_least = f" of at least {low}" if low > m else ""
+            raise ValueError(f"x: height and width must be positive multiples of {m}{at_least}, got {h}x{w}; pad "
+                             f"with tur_ext.models.pad_to_multiple (tur_ext.inference does it for you)")
         limit = int(self.metadata.get("max_side", 0))
         if limit and (h > limit or w > limit):
             raise ValueError(f"x: this AOTInductor package accepts sides up to {limit}, got {h}x{w}; use tiling")

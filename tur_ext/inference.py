@@ -7,14 +7,15 @@
 
 The procedure (the C++ runner ``tur-restore`` implements exactly the same; keep the two in step):
 
-1. The image, float32 RGB in [0, 1], is mapped to the model's ``value_range`` and ``channel_order`` (metadata).
-2. It is reflect-padded on the bottom and right to multiples of ``m = size_multiple``
+1. The image, float32 RGB in [0, 1], is mapped linearly onto the model's ``value_range`` (its input range) and put in
+   its ``channel_order`` (metadata; :mod:`tur_ext.models.value_range`).
+2. It is reflect-padded on the bottom and right to multiples of ``m = size_multiple``, and to at least ``min_size``
    (:func:`tur_ext.models.pad_to_multiple`: mirror without repeating the edge, mirroring back and forth where the
    pad is longer than the image, a side of 1 pixel is repeated).
 3. Without ``tile`` the model runs once on the padded image. With ``tile = T`` and ``overlap = O``, along each padded
    side of length ``L`` separately:
 
-   * ``t = min(floor(T / m) * m, L)`` is the tile length (``T >= m`` is required);
+   * ``t = min(floor(T / m) * m, L)`` is the tile length (``T >= max(m, min_size)`` is required);
      ``O`` defaults to ``min(32, floor(T / m) * m // 2)`` and must satisfy ``0 <= O < floor(T / m) * m``;
    * the tiles start at ``start_i = min(i * (t - O), L - t)`` for ``i = 0 .. n - 1``, where ``n = 1`` if
      ``L <= t``, else ``n = ceil((L - t) / (t - O)) + 1`` (the last tile is moved back to end at ``L``);
@@ -24,7 +25,8 @@ The procedure (the C++ runner ``tur-restore`` implements exactly the same; keep 
      cover a pixel, accumulated in float32, tiles visited row by row (top to bottom, then left to right).
 
    When one tile covers both sides (``n == 1`` for both) the model runs once on the whole padded image.
-4. The result is cropped back to the input size, mapped back to RGB in [0, 1] and clamped to [0, 1].
+4. The result is cropped back to the input size, mapped back from the model's ``output_range`` (``value_range`` where
+   the metadata has none) to RGB in [0, 1] and clamped to [0, 1].
 
 Files: 8- and 16-bit PNG/JPEG/TIFF (and the other formats :mod:`tur_ext.data.io` reads), gray promoted to RGB. The
 result is written as 16-bit when the input was 16-bit and the output format holds 16 bits (PNG, TIFF), else 8-bit.
@@ -40,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from .export import ExportedModel, artifact_kind, build_metadata, load_exported, prepare_for_export
-from .models import crop_to, pad_to_multiple
+from .models import crop_to, from_model_range, pad_to_multiple, to_model_range
+from .models.value_range import check_value_range
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -64,11 +67,12 @@ SIXTEEN_BIT_FORMATS = (".png", ".tif", ".tiff")
 
 # --- the tiling rule ----------------------------------------------------------------------------------------------
 
-def resolve_tiling(tile: Optional[int], overlap: Optional[int], multiple: int) -> Optional[Tuple[int, int]]:
+def resolve_tiling(tile: Optional[int], overlap: Optional[int], multiple: int, min_size: int = 1
+                   ) -> Optional[Tuple[int, int]]:
     """``(tile, overlap)`` after the rule's rounding and defaults, or ``None`` without tiling; ValueError if invalid.
 
-    ``tile`` is rounded down to a multiple of ``multiple`` (it must be at least ``multiple``); ``overlap`` defaults
-    to ``min(DEFAULT_OVERLAP, tile // 2)`` and must be in ``[0, tile)``.
+    ``tile`` is rounded down to a multiple of ``multiple`` (it must be at least ``multiple`` and ``min_size``, the
+    model's smallest input); ``overlap`` defaults to ``min(DEFAULT_OVERLAP, tile // 2)`` and must be in ``[0, tile)``.
     """
     for name, value in (("tile", tile), ("overlap", overlap)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -80,6 +84,9 @@ def resolve_tiling(tile: Optional[int], overlap: Optional[int], multiple: int) -
     if tile < multiple:
         raise ValueError(f"tile: {tile} is smaller than the model's size multiple {multiple}; expected a tile of at "
                          f"least {multiple} pixels")
+    if tile < min_size:
+        raise ValueError(f"tile: {tile} is smaller than the model's smallest input {min_size}; expected a tile of at "
+                         f"least {min_size} pixels")
     t = tile // multiple * multiple
     if overlap is None:
         overlap = min(DEFAULT_OVERLAP, t // 2)
@@ -160,10 +167,10 @@ class Restorer:
         self.metadata = metadata
         self.device = device
         self.size_multiple = int(metadata["size_multiple"])
-        lo, hi = (float(v) for v in metadata.get("value_range", (0.0, 1.0)))
-        if not hi > lo:
-            raise ValueError(f"metadata: value_range must be increasing, got {[lo, hi]}")
-        self.value_range = (lo, hi)
+        self.min_size = int(metadata.get("min_size", self.size_multiple))
+        self.value_range = check_value_range(metadata.get("value_range", (0.0, 1.0)), "metadata: value_range")
+        self.output_range = check_value_range(metadata.get("output_range", self.value_range),
+                                              "metadata: output_range")
         order = str(metadata.get("channel_order", "RGB")).upper()
         if order not in ("RGB", "BGR"):
             raise ValueError(f"metadata: channel_order must be RGB or BGR, got {order!r}")
@@ -174,19 +181,14 @@ class Restorer:
                 f"size_multiple={self.size_multiple}, device={self.device})")
 
     def _to_model(self, x: Tensor) -> Tensor:
-        lo, hi = self.value_range
-        if (lo, hi) != (0.0, 1.0):
-            x = x * (hi - lo) + lo
+        x = to_model_range(x, self.value_range)
         return x.flip(1) if self.channel_order == "BGR" else x
 
     def _from_model(self, y: Tensor) -> Tensor:
         y = y.float()
         if self.channel_order == "BGR":
             y = y.flip(1)
-        lo, hi = self.value_range
-        if (lo, hi) != (0.0, 1.0):
-            y = (y - lo) / (hi - lo)
-        return y.clamp_(0.0, 1.0)
+        return from_model_range(y, self.output_range).clamp_(0.0, 1.0)
 
     def __call__(self, x: Tensor, *, tile: Optional[int] = None, overlap: Optional[int] = None) -> Tensor:
         """Restore ``x`` (B, 3, H, W), RGB float in [0, 1], any H and W; the result is float32 on ``self.device``."""
@@ -196,10 +198,10 @@ class Restorer:
             raise ValueError(f"x: expected shape (B, 3, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected float values in [0, 1], got {x.dtype}")
-        tiling = resolve_tiling(tile, overlap, self.size_multiple)
+        tiling = resolve_tiling(tile, overlap, self.size_multiple, self.min_size)
         with torch.inference_mode():
             x = self._to_model(x.to(device=self.device, dtype=torch.float32))
-            padded, size = pad_to_multiple(x, self.size_multiple)
+            padded, size = pad_to_multiple(x, self.size_multiple, min_size=self.min_size)
             if tiling is None:
                 out = self.model(padded)
             else:
@@ -296,7 +298,7 @@ def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], 
             raise ValueError(f"out: writing {str(out / src.name)!r} would overwrite the input image")
         targets[src.name] = src
     restorer = model if isinstance(model, Restorer) else load_restorer(model, device=device, half=half)
-    resolve_tiling(tile, overlap, restorer.size_multiple)  # a bad tile fails before any file is written
+    resolve_tiling(tile, overlap, restorer.size_multiple, restorer.min_size)  # a bad tile fails before any file is written
     written = []
     for src in targets.values():
         dst = out / src.name

@@ -7,14 +7,16 @@
     plain = strip_uncertainty(model)                       # forward(x) -> image, same weights
     restored = crop_to(plain(x), size)
 
-Registered names: see :func:`available`; each model has ``arch``, ``config``, ``size_multiple`` and
-``supports_fp16``, and :func:`spec` gives the same facts without building one.
+Registered names: see :func:`available`; each model has ``arch``, ``config``, ``size_multiple``, ``min_size``,
+``input_range``/``output_range`` and ``supports_fp16``, and :func:`spec` gives the size facts without building one.
 """
 from .head import Backbone, UncertaintyHead, attach_uncertainty_head, strip_uncertainty
 from .nafnet import NAFNet
 from .padding import crop_to, pad_to_multiple, padded_size
 from .promptir import PromptIR
 from .registry import ModelSpec, available, build, spec
+from .transweather import TransWeather
+from .value_range import from_model_range, model_ranges, to_model_range
 from .weights import LoadReport, WeightsMismatchError, load_weights, read_state_dict
 
 __all__ = [
@@ -23,16 +25,20 @@ __all__ = [
     "ModelSpec",
     "NAFNet",
     "PromptIR",
+    "TransWeather",
     "UncertaintyHead",
     "WeightsMismatchError",
     "attach_uncertainty_head",
     "available",
     "build",
     "crop_to",
+    "from_model_range",
     "load_weights",
+    "model_ranges",
     "pad_to_multiple",
     "padded_size",
     "read_state_dict",
     "spec",
     "strip_uncertainty",
+    "to_model_range",
 ]

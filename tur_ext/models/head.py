@@ -57,7 +57,11 @@ class Backbone(nn.Module):
     """Base class of the restoration networks in :mod:`tur_ext.models`.
 
     Subclasses set ``in_channels``, ``out_channels``, ``feature_channels`` (channels of ``forward_features``),
-    ``size_multiple`` and ``supports_fp16``, and implement ``forward_features`` and ``reconstruct``.
+    ``size_multiple`` and ``supports_fp16``, and implement ``forward_features`` and ``reconstruct``. Where they differ
+    from the defaults they also set ``min_size`` (the smallest H and W, a multiple of ``size_multiple``) and
+    ``input_range``/``output_range`` (the value ranges the forward takes and returns; see
+    :mod:`tur_ext.models.value_range`), and ``export_min_size`` where a dynamic-shape ``torch.export`` needs larger
+    inputs than the eager model (``None``: ``min_size``).
     :func:`tur_ext.models.build` fills in ``arch`` and ``config`` (``build(model.arch, **model.config)`` rebuilds the
     same architecture, head included).
     """
@@ -67,7 +71,11 @@ class Backbone(nn.Module):
     out_channels = 3
     feature_channels = 0
     size_multiple = 1
+    min_size = 1
+    export_min_size = None
     supports_fp16 = False
+    input_range = (0.0, 1.0)
+    output_range = (0.0, 1.0)
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,17 +114,21 @@ class Backbone(nn.Module):
 
     @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
-        """Raise a ValueError unless ``x`` is ``(B, in_channels, H, W)`` with H, W multiples of ``size_multiple``."""
+        """Raise a ValueError unless ``x`` is ``(B, in_channels, H, W)`` with H, W multiples of ``size_multiple`` and
+        at least ``min_size``."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        m = self.size_multiple
-        if h % m or w % m:
+        m, low = self.size_multiple, self.min_size
+        if h % m or w % m or h < low or w < low:
+            rule, call = f"multiples of {m}", f"pad_to_multiple(x, {m})"
+            if low > m:
+                rule, call = rule + f" and at least {low}", f"pad_to_multiple(x, {m}, min_size={low})"
             raise ValueError(
-                f"x: height and width must be multiples of {m} for {self.arch}, got {h}x{w}; "
-                f"pad with tur_ext.models.pad_to_multiple(x, {m}) and crop back with crop_to")
+                f"x: height and width must be {rule} for {self.arch}, got {h}x{w}; "
+                f"pad with tur_ext.models.{call} and crop back with crop_to")
 
     def forward(self, x: Tensor):
         """``x`` (B, in_channels, H, W) -> the restored image, or ``(image, uncertainty)`` with a head."""

@@ -29,10 +29,19 @@ def _check_multiple(multiple: int) -> int:
     return multiple
 
 
-def padded_size(height: int, width: int, multiple: int) -> Tuple[int, int]:
-    """The smallest (H, W) at least (height, width) whose sides are multiples of ``multiple``."""
+def _check_min_size(min_size: int) -> int:
+    if isinstance(min_size, bool) or not isinstance(min_size, int):
+        raise TypeError(f"min_size: expected a positive int, got {type(min_size).__name__}")
+    if min_size < 1:
+        raise ValueError(f"min_size: expected a positive int, got {min_size}")
+    return min_size
+
+
+def padded_size(height: int, width: int, multiple: int, *, min_size: int = 1) -> Tuple[int, int]:
+    """The smallest (H, W) at least (height, width) and ``min_size`` whose sides are multiples of ``multiple``."""
     m = _check_multiple(multiple)
-    return -(-height // m) * m, -(-width // m) * m
+    low = _check_min_size(min_size)
+    return -(-max(height, low) // m) * m, -(-max(width, low) // m) * m
 
 
 def _source_index(size: int, padded: int, mode: str, device: torch.device) -> Tensor:
@@ -45,8 +54,10 @@ def _source_index(size: int, padded: int, mode: str, device: torch.device) -> Te
     return torch.where(j < size, j, period - j)
 
 
-def pad_to_multiple(x: Tensor, multiple: int, *, mode: str = "reflect") -> Tuple[Tensor, Tuple[int, int]]:
-    """Pad the last two dims of ``x`` on the bottom/right up to multiples of ``multiple``.
+def pad_to_multiple(x: Tensor, multiple: int, *, mode: str = "reflect", min_size: int = 1
+                    ) -> Tuple[Tensor, Tuple[int, int]]:
+    """Pad the last two dims of ``x`` on the bottom/right up to multiples of ``multiple`` (and at least
+    ``min_size``, for models with a smallest input size).
 
     Returns ``(padded, (h, w))`` where ``(h, w)`` is the original size: ``crop_to(y, (h, w))`` undoes the padding.
     ``x`` may be ``(H, W)``, ``(C, H, W)``, ``(B, C, H, W)`` or have more leading dims; any dtype. When no padding
@@ -62,7 +73,7 @@ def pad_to_multiple(x: Tensor, multiple: int, *, mode: str = "reflect") -> Tuple
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if h == 0 or w == 0:
         raise ValueError(f"x: expected a non-empty image, got shape {tuple(x.shape)}")
-    ph, pw = padded_size(h, w, multiple)
+    ph, pw = padded_size(h, w, multiple, min_size=min_size)
     if (ph, pw) == (h, w):
         return x, (h, w)
     if ph != h:

@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Type
 from .head import HEAD_INPUTS, Backbone, attach_uncertainty_head
 from .nafnet import NAFNet
 from .promptir import PromptIR
+from .transweather import TransWeather
 
 __all__ = ["ModelSpec", "build", "available", "spec"]
 
@@ -32,6 +33,11 @@ class ModelSpec:
     def size_multiple(self) -> int:
         """Input H and W must be multiples of this (for the default configuration)."""
         return self.cls.size_multiple_for(self.defaults)
+
+    @property
+    def min_size(self) -> int:
+        """Input H and W must be at least this."""
+        return self.cls.min_size
 
     @property
     def supports_fp16(self) -> bool:
@@ -57,6 +63,8 @@ _REGISTRY: Dict[str, ModelSpec] = {
         ModelSpec("nafnet-tiny", NAFNet,
                   dict(width=16, enc_blocks=(1, 1, 1), middle_blocks=2, dec_blocks=(1, 1, 1)),
                   "a 3-level NAFNet of width 16 (0.41M parameters) for the quickstart and tests on CPU"),
+        ModelSpec("transweather", TransWeather, {},
+                  "TransWeather as released (37.8M parameters); H, W multiples of 16, at least 48"),
     )
 }
 

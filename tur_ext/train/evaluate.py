@@ -36,17 +36,20 @@ def _finite(obj):
 
 @torch.no_grad()
 def restore(model: nn.Module, lq: torch.Tensor, amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The restored image of a (B, C, H, W) batch: padded to the model's size multiple, cropped back, clamped to
-    [0, 1]. The uncertainty map of a TUR model is dropped."""
-    from ..models import crop_to, pad_to_multiple
+    """The restored image of a (B, C, H, W) batch in [0, 1]: mapped to the model's input range, padded to its size
+    rule, run, cropped back, mapped back from its output range and clamped to [0, 1]. The uncertainty map of a TUR
+    model is dropped."""
+    from ..models import crop_to, from_model_range, model_ranges, pad_to_multiple, to_model_range
 
-    x, size = pad_to_multiple(lq, int(getattr(model, "size_multiple", 1)))
+    input_range, output_range = model_ranges(model)
+    x, size = pad_to_multiple(to_model_range(lq, input_range), int(getattr(model, "size_multiple", 1)),
+                              min_size=int(getattr(model, "min_size", 1)))
     ctx = torch.autocast(lq.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with ctx:
         out = model(x)
     if isinstance(out, (tuple, list)):
         out = out[0]
-    return crop_to(out.float(), size).clamp_(0.0, 1.0)
+    return from_model_range(crop_to(out.float(), size), output_range).clamp_(0.0, 1.0)
 
 
 #: Keys of one per-task metric setting (``train.val_task_metrics.<task>``) and their ``train.val_*`` defaults.

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..baselines import build_loss
+from ..models.value_range import from_model_range, model_ranges, to_model_range
 from ..tasks import TaskSet
 from . import distributed as D
 from .checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, model_spec, rng_state, set_rng_state
@@ -218,13 +219,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
     def _forward(self, lq: torch.Tensor):
+        # Batches are in [0, 1]: the model sees its own input range, the loss compares in [0, 1].
+        input_range, output_range = model_ranges(self.model)
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         with ctx:
-            out = self.train_model(lq)
+            out = self.train_model(to_model_range(lq, input_range))
         if self.uncertainty:
             pred, unc = out
-            return pred.float(), unc.float()
-        return out.float(), None
+            return from_model_range(pred.float(), output_range), unc.float()
+        return from_model_range(out.float(), output_range), None
 
     def _check_finite(self, loss: torch.Tensor, logs: dict, step: int) -> None:
         finite = torch.isfinite(loss.detach())
