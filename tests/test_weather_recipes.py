@@ -39,6 +39,8 @@ def _run(config: str, out: Path, *overrides: str) -> dict:
     assert rc == 0
     ck = CheckpointManager(out / "checkpoints").latest()
     assert ck is not None and ck.name == "step_00000002.pt"
+    want = cfg["model"]["name"] if cfg["model"]["name"] in models.available() else "nafnet-tiny"
+    assert load_checkpoint(ck)["model"]["name"] == want
     return {"ckpt": load_checkpoint(ck), "metrics": yaml.safe_load((out / "metrics.json").read_text())["tasks"]}
 
 
