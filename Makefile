@@ -11,7 +11,7 @@ CSRC := $(shell find csrc -type f)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: setup test bench cuda-check demo cpp-test runner study clean
+.PHONY: setup test bench cuda-check demo cpp-test runner study clean transweather-export-check
 
 setup: $(VENV)/.installed
 
@@ -78,6 +78,12 @@ runner: setup
 	$(CMAKE_CONFIGURE) -DTUR_REQUIRE_RUNNER=ON
 	cmake --build build/cmake --target tur-restore -j 2
 	cp build/cmake/export/tur-restore build/tur-restore
+
+# TransWeather's dynamic-shape torch.export and AOTInductor package (about 6 min of compiling on 2 CPU cores; not in
+# `make test`). Builds the runner first when it can.
+transweather-export-check: setup
+	$(MAKE) runner || true
+	TUR_SLOW_EXPORTS=1 $(PYTHON) -m pytest -q tests/test_transweather.py -k "dynamic or aoti"
 
 clean:
 	rm -rf build $(VENV) tur_ext/_C*.so *.egg-info

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated
 SMALL_PROMPTIR = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8],
                       prompt_dims=[8, 16, 32], prompt_sizes=[8, 8, 8], include_unused=False)
 SMALL_NAFNET = dict(width=8, enc_blocks=[1, 1], middle_blocks=1, dec_blocks=[1, 1])
-SMALL = {"promptir": SMALL_PROMPTIR, "nafnet": SMALL_NAFNET}
+SMALL = {"promptir": SMALL_PROMPTIR, "nafnet": SMALL_NAFNET, "transweather": dict(embed_dims=[8, 16, 32, 64])}
 # One of each family for behaviour tests.
 FAMILIES = [("nafnet-tiny", {}), ("promptir", SMALL_PROMPTIR)]
 
@@ -87,7 +87,7 @@ def test_size_multiples_and_parameter_counts():
     assert counts["promptir"] == 35_592_263
     assert counts["nafnet-tiny"] < 500_000
     assert counts["nafnet-w32"] == counts["nafnet"] == 29_159_715  # published NAFNet-width32: "29.1M"
-    assert multiples == {"promptir": 8, "nafnet": 16, "nafnet-w32": 16, "nafnet-tiny": 8}
+    assert multiples == {"promptir": 8, "nafnet": 16, "nafnet-w32": 16, "nafnet-tiny": 8, "transweather": 16}
     assert deep.size_multiple == 32 and spec("nafnet").size_multiple == 16
 
 
@@ -412,12 +412,13 @@ def test_trace_and_export_match_eager_at_two_sizes(name):
     (multiples of size_multiple, as deployment exports it); both against eager at two sizes."""
     model = _make(name, uncertainty=True).eval()
     m = model.size_multiple
-    sizes = [(2, 3, 2 * m, 3 * m), (2, 3, 3 * m, 2 * m)]
+    k = -(-(model.export_min_size or model.min_size) // m)  # the smallest side, in multiples
+    sizes = [(2, 3, (k + 1) * m, (k + 2) * m), (2, 3, (k + 2) * m, (k + 1) * m)]
     inputs = [torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sizes)]
     plain = strip_uncertainty(model)
     with torch.no_grad():
         traced = torch.jit.trace(model, inputs[0])
-        h, w = Dim("h", min=1, max=64), Dim("w", min=1, max=64)
+        h, w = Dim("h", min=k, max=64), Dim("w", min=k, max=64)
         exported = torch.export.export(plain, (inputs[0],), dynamic_shapes={"x": {2: m * h, 3: m * w}}).module()
         for x in inputs:
             eager = model(x)

@@ -27,9 +27,12 @@ kept. The raw ``forward`` is the authors' computation either way; the range conv
 and leave a model (:mod:`tur_ext.models.value_range`).
 
 Sizes: H and W must be multiples of 16 and at least 48 (the intra-patch attention of the third stage reduces a map
-of ceil(H/32) rows by 2). The authors' crop-by-one branches after the transposed convolutions are written as a crop
-to the skip connection's size, with no shape-dependent Python branch, so the model scripts, and exports with
-dynamic H and W.
+of ceil(H/32) rows by 2); evaluation and ``tur restore`` pad smaller images. The authors' crop-by-one branches after
+the transposed convolutions are written as a gather of the skip connection's size, with no shape-dependent branch,
+so the model scripts (``torch.jit.script``, any valid size), traces without freezing a size, and exports with
+dynamic batch, H and W. A dynamic ``torch.export`` holds from 112 pixels up (``export_min_size``): below that some
+attention grid is one token high or wide, and export specialises matmuls and layouts on size-1 dims, so an
+AOTInductor package declares ``min_size`` 112 and smaller images are padded up to it.
 
 Differences from the authors' code that do not change the fp32 result beyond rounding: attention uses
 ``F.scaled_dot_product_attention`` (no N x N matrix in memory for the large early stages), the decoder's learnt task
