@@ -226,3 +226,28 @@ def test_results_table_columns_never_run_together():
                             "a-much-longer-run-name", "SSIM"]
     assert row.split() == ["derain", "30.12", "0.9000", "31.00", "0.9100"]
     assert all(len(line) == len(head) for line in table.splitlines())
+
+
+def test_tur_logs_the_effective_task_weight():
+    from tur_ext.baselines import build_loss
+
+    loss_fn = build_loss("tur", TaskSet("3task"))
+    torch.manual_seed(0)
+    pred, gt = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    ids = torch.tensor([0, 0, 3, 4])  # denoise_25 and denoise_50 absent
+    # One uncertainty value per task: the effective weight of its L1 is then exactly 1 / (u + eps).
+    u = torch.tensor([0.5, 0.5, 2.0, 0.25]).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    _, logs = loss_fn(pred, gt, u, ids)
+    w = logs["weight"].double()
+    assert torch.isnan(w[[1, 2]]).all()
+    torch.testing.assert_close(w[[0, 3, 4]], 1 / (torch.tensor([0.5, 2.0, 0.25], dtype=torch.float64) + 1e-6),
+                               rtol=1e-5, atol=0)
+
+
+def test_log_csv_weight_columns_are_filled_for_tur(tmp_path):
+    import csv
+
+    with Trainer(_cfg(tmp_path)) as trainer:
+        trainer.train()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert rows and all(float(rows[-1][f"weight/{t}"]) > 0 for t in TaskSet("3task"))

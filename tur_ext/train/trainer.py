@@ -464,6 +464,7 @@ class _LogAccumulator:
         self.loss = 0.0
         self.sums: dict[str, torch.Tensor] = {}
         self.present = torch.zeros(k, dtype=torch.float64)
+        self.weight_n = torch.zeros(k, dtype=torch.float64)  # steps with a defined weight (TUR's: task present)
 
     def add(self, loss: torch.Tensor, logs: dict) -> None:
         self.n += 1
@@ -473,7 +474,11 @@ class _LogAccumulator:
         for key in ("loss", "l1", "uncertainty", "weight"):
             if key in logs:
                 v = logs[key].detach().cpu().double()
-                if key != "weight":
+                if key == "weight":
+                    defined = torch.isfinite(v)
+                    self.weight_n += defined.double()
+                    v = torch.where(defined, v, torch.zeros_like(v))
+                else:
                     v = v * present
                 self.sums[key] = self.sums.get(key, torch.zeros(self.k, dtype=torch.float64)) + v
 
@@ -484,8 +489,8 @@ class _LogAccumulator:
         if "l1" in self.sums:
             row["l1"] = float((self.sums["l1"] / denom)[self.present > 0].mean()) if bool((self.present > 0).any()) else None
         for key, vals in self.sums.items():
-            mean = vals / (max(self.n, 1) if key == "weight" else denom)
+            mean = vals / (self.weight_n.clamp_min(1) if key == "weight" else denom)
             for i, name in enumerate(tasks):
-                if key == "weight" or self.present[i] > 0:
+                if (self.weight_n[i] if key == "weight" else self.present[i]) > 0:
                     row[f"{key}/{name}"] = float(mean[i])
         return row
