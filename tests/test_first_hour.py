@@ -251,3 +251,14 @@ def test_log_csv_weight_columns_are_filled_for_tur(tmp_path):
         trainer.train()
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert rows and all(float(rows[-1][f"weight/{t}"]) > 0 for t in TaskSet("3task"))
+
+
+def test_demo_side_by_side_draws_one_progress_bar(tmp_path, capfd):
+    sets = ["model.width=8", "data.patch_size=16", "data.length=10", "data.batch_size=5", "data.eval_crop=16",
+            "data.eval_crops_per_task=1", "train.tensorboard=false", "train.log_every=1"]
+    argv = ["demo", "--out", str(tmp_path / "d"), "--steps", "2", "--jobs", "2", "--no-deploy"]
+    assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
+    err = capfd.readouterr().err
+    assert "demo (tur + l1)" in err
+    assert "4/4" in err
+    assert "demo-tur:" not in err and "demo-l1:" not in err  # the runs' own bars (desc = run name) stay off

@@ -285,6 +285,18 @@ def _demo_jobs(requested: Optional[int]) -> int:
     return min(len(DEMO_LOSSES), max(1, cores))
 
 
+def _logged_step(run_dir) -> int:
+    """The last step a run wrote to its log.csv (0 before its first row)."""
+    try:
+        with open(Path(run_dir) / "log.csv", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            last = f.read().decode("utf-8", "replace").strip().splitlines()[-1]
+        return int(float(last.split(",", 1)[0]))
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def cmd_demo(args) -> int:
     from .report import write_report
     from .train.evaluate import format_table, write_json
@@ -310,10 +322,17 @@ def cmd_demo(args) -> int:
         import multiprocessing as mp
         import queue as queue_mod
 
+        from tqdm import tqdm
+
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        procs = {loss: ctx.Process(target=_demo_worker, args=(cfgs[loss], i, 1, queue), name=f"tur-demo-{loss}")
+        # One bar for both runs (two bars redrawn by two processes interleave on one terminal): the workers keep
+        # quiet and the parent follows their log.csv files.
+        quiet = {loss: {**cfg, "train": {**cfg["train"], "progress": False}} for loss, cfg in cfgs.items()}
+        procs = {loss: ctx.Process(target=_demo_worker, args=(quiet[loss], i, 1, queue), name=f"tur-demo-{loss}")
                  for i, loss in enumerate(DEMO_LOSSES)}
+        bar = tqdm(total=steps * len(procs), desc="demo (" + " + ".join(procs) + ")", unit="step", dynamic_ncols=True,
+                   disable=not cfgs[DEMO_LOSSES[0]]["train"]["progress"])
         errors = []
         finished = False
         try:
@@ -321,6 +340,7 @@ def cmd_demo(args) -> int:
                 p.start()
             pending = set(procs)
             while pending:
+                bar.update(sum(_logged_step(cfgs[l]["output_dir"]) for l in procs) - bar.n)
                 try:
                     loss, res, err = queue.get(timeout=1.0)
                 except queue_mod.Empty:
@@ -337,6 +357,9 @@ def cmd_demo(args) -> int:
                     results[loss] = res
             finished = True
         finally:
+            if finished and not errors:
+                bar.update(bar.total - bar.n)
+            bar.close()
             for p in procs.values():
                 if p.is_alive() and (errors or not finished):
                     p.terminate()  # a failed or interrupted demo does not leave the other run training
