@@ -79,7 +79,8 @@ def _run(config: str, out: Path, *overrides: str) -> Path:
 def test_every_recipe_is_listed_and_valid():
     # Study configs are not training recipes; tests/test_study.py validates them.
     names = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("study_"))
-    assert names == ["nafnet_7task.yaml", "promptir_3task.yaml", "promptir_5task.yaml", "quickstart.yaml",
+    assert names == ["nafnet_7task.yaml", "promptir_3task.yaml", "promptir_3task_finetune.yaml", "promptir_5task.yaml",
+                     "quickstart.yaml",
                      "transweather_5task.yaml", "transweather_allweather.yaml", "transweather_real.yaml",
                      "uformer_7task.yaml"]
     for n in names:
@@ -116,6 +117,26 @@ def test_promptir_3task_runs_on_the_promptir_layout(tmp_path):
     metrics = yaml.safe_load((tmp_path / "p3" / "metrics.json").read_text())["tasks"]
     assert set(metrics) == {"denoise_15", "denoise_25", "denoise_50", "derain", "dehaze"}
     assert load_checkpoint(ck)["model"]["name"] == "promptir"
+
+
+def test_promptir_3task_finetune_starts_from_a_lightning_release(tmp_path, capsys):
+    import torch
+
+    from tur_ext import models
+
+    cfg = load_config(CONFIGS / "promptir_3task_finetune.yaml")
+    base = load_config(CONFIGS / "promptir_3task.yaml")
+    assert cfg["model"]["pretrained"] and cfg["optim"]["lr"] == base["optim"]["lr"] / 10
+    assert {k: cfg["data"][k] for k in base["data"]} == base["data"] and cfg["train"]["epochs"] == 20
+    rng = np.random.default_rng(0)
+    make_promptir3(tmp_path / "data", rng)
+    tiny = {s.split("=")[0][len("model."):]: yaml.safe_load(s.split("=")[1]) for s in TINY_PROMPTIR}
+    release = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"net." + k: v for k, v in models.build("promptir", **tiny).state_dict().items()}},
+               release)
+    _run("promptir_3task_finetune.yaml", tmp_path / "ft", *SHORT, *TINY_PROMPTIR, f"data.root={tmp_path / 'data'}",
+         "data.batch_size=5", f"model.pretrained={release}")
+    assert f"started from {release} (lightning, prefixes net. removed)" in capsys.readouterr().out
 
 
 def test_promptir_5task_runs_on_promptir_gopro_and_lol_layouts(tmp_path):

@@ -156,6 +156,9 @@ class TURLoss(_TaskLoss):
         logs["loss"] = out.per_task_loss.detach().float()
         logs["weighted_l1"] = out.per_task_weighted_l1.detach().float()
         logs["reg"] = out.per_task_reg.detach().float()
+        # The effective weight of each task's L1: its 1/U-weighted L1 over its plain L1 (NaN for absent tasks).
+        l1 = out.per_task_l1.detach().float()
+        logs["weight"] = torch.where(out.counts > 0, logs["weighted_l1"] / l1, torch.full_like(l1, float("nan")))
         return out.loss, logs
 
 

@@ -1,8 +1,10 @@
 """The ``tur`` command line: train, eval, report, demo.
 
-    tur train CONFIG [--set a.b=value ...] [--resume auto|PATH]
+    tur train CONFIG [--set a.b=value ...] [--resume auto|PATH] [--pretrained FILE] [--out DIR]
     tur eval CHECKPOINT|RUN_DIR [--set data.key=value ...] [--no-ema] [--convention promptir|basicsr] [--out JSON]
+    tur eval --arch NAME --weights FILE [--data CONFIG] [--set data.key=value ...] [--tasks A,B] [--self-ensemble]
     tur report RUN_DIR
+    tur --version
     tur demo [--out runs/demo] [--steps N] [--jobs N]
     tur study CONFIG [--set key=value ...] [--jobs N] [--out DIR]   (fidelity study, see tur_ext.study)
     tur export ... / tur restore ...      (deployment, see tur_ext.deploy_cli)
@@ -67,7 +69,10 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="tur", description="All-in-one image restoration trained with Task Uncertainty Regularization.")
+    p.add_argument("--version", action="version", version=f"tur_ext {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a YAML config")
@@ -77,11 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': continue from the run folder's newest checkpoint (fresh start if none); or a path")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps (checkpointed)")
+    t.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="start from these weights (model.pretrained: a release, a BasicSR or Lightning file; "
+                        "a fresh uncertainty head when the file has none)")
+    t.add_argument("--out", default=None, metavar="DIR", help="run folder (output_dir; default runs/<name>)")
 
-    e = sub.add_parser("eval", help="per-task PSNR/SSIM of a checkpoint on its eval set")
-    e.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    e = sub.add_parser("eval", help="per-task PSNR/SSIM of a checkpoint (or of a weights file) on an eval set")
+    e.add_argument("checkpoint", nargs="?", default=None,
+                   help="a checkpoint file, or a run folder (its newest checkpoint); or use --arch with --weights")
+    e.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")
+    e.add_argument("--weights", default=None,
+                   help="weights of any layout load_weights reads (a downloaded release, a BasicSR/Lightning file)")
+    e.add_argument("--config", dest="model_config", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --arch: a model configuration value, e.g. --config width=16 (repeatable)")
+    e.add_argument("--data", dest="data_config", default=None, metavar="CONFIG",
+                   help="with --arch: a run config whose data:, tasks: and metric conventions (train.val_*) are used")
+    e.add_argument("--tasks", default=None,
+                   help="with --arch: a task set or names separated by commas (default: the --data config's, or 3task)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's config, e.g. --set data.eval_crops_per_task=8")
+                   help="override the checkpoint's (or --data's) config, e.g. --set data.eval_crops_per_task=8")
+    e.add_argument("--self-ensemble", action="store_true",
+                   help="average over the 8 flips/rotations of every input (x8 test-time augmentation)")
     e.add_argument("--no-ema", action="store_true", help="evaluate params instead of params_ema")
     e.add_argument("--convention", choices=("promptir", "basicsr"), default=None,
                    help="metric convention (default: the run's train.val_convention)")
@@ -89,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the results as JSON here")
 
     r = sub.add_parser("report", help="write report.md + plots for a run folder or a folder of runs")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", help="a run folder, or a folder of run folders (a demo's, a study's) to compare")
     r.add_argument("--no-samples", action="store_true", help="skip the restored-samples grid")
 
     d = sub.add_parser("demo", help="quickstart: TUR vs uniform L1 on the embedded data, evaluated and reported")
@@ -125,6 +146,12 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
+    if args.pretrained is not None:
+        if not Path(args.pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained: no such file {args.pretrained!r}")
+        overrides.append(f"model.pretrained='{args.pretrained}'")
+    if args.out is not None:
+        overrides.append(f"output_dir='{args.out}'")
     cfg = load_config(args.config, overrides)
     with Trainer(cfg) as trainer:
         summary = trainer.train(max_steps=args.max_steps)
@@ -143,25 +170,73 @@ def _print_summary(name: str, summary: dict) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .train.evaluate import format_table, write_json
+
+    if args.arch is not None or args.weights is not None:
+        res = _eval_weights(args)
+        label = args.arch + ("+" if args.self_ensemble else "")
+        print(f"[tur] {res['weights']} ({args.arch}, {res['convention']} convention"
+              f"{', x8 self-ensemble' if args.self_ensemble else ''})")
+    else:
+        res = _eval_checkpoint(args)
+        label = ("ema" if not args.no_ema else "params") + ("+" if args.self_ensemble else "")
+        print(f"[tur] {res['checkpoint']} (step {res['step']}, {label}, {res['convention']} convention)")
+    print(format_table({label: res["tasks"]}))
+    if args.out:
+        write_json(args.out, res)
+    return 0
+
+
+def _eval_checkpoint(args) -> dict:
     from .train.checkpoint import find_checkpoint, load_checkpoint
     from .train.config import apply_overrides
-    from .train.evaluate import evaluate_checkpoint, format_table, write_json
+    from .train.evaluate import evaluate_checkpoint
     from .train.trainer import TRAINER_DATA_KEYS
 
+    if args.checkpoint is None:
+        raise ValueError("eval: expected a CHECKPOINT (file or run folder), or --arch NAME --weights FILE")
+    for flag, value in (("--config", args.model_config), ("--data", args.data_config), ("--tasks", args.tasks)):
+        if value:
+            raise ValueError(f"{flag}: only with --arch/--weights (a checkpoint carries its own)")
     data = None
     if args.overrides:
         ckpt = load_checkpoint(find_checkpoint(args.checkpoint))
         cfg = apply_overrides(copy.deepcopy(ckpt.get("config") or {}), args.overrides)
         data = {k: v for k, v in (cfg.get("data") or {}).items() if k not in TRAINER_DATA_KEYS}
         data.setdefault("seed", cfg.get("seed", 0))
-    res = evaluate_checkpoint(args.checkpoint, data=data, use_ema=not args.no_ema, device=args.device,
-                              convention=args.convention)
-    label = "ema" if not args.no_ema else "params"
-    print(f"[tur] {res['checkpoint']} (step {res['step']}, {label}, {res['convention']} convention)")
-    print(format_table({label: res["tasks"]}))
-    if args.out:
-        write_json(args.out, res)
-    return 0
+    return evaluate_checkpoint(args.checkpoint, data=data, use_ema=not args.no_ema, device=args.device,
+                               convention=args.convention, self_ensemble=args.self_ensemble)
+
+
+def _eval_weights(args) -> dict:
+    from .deploy_cli import _parse_config
+    from .tasks import TaskSet
+    from .train.config import apply_overrides, read_yaml_mapping
+    from .train.evaluate import evaluate_weights
+    from .train.trainer import TRAINER_DATA_KEYS
+
+    if args.checkpoint is not None:
+        raise ValueError("eval: give either CHECKPOINT or --arch with --weights, not both")
+    if args.arch is None or args.weights is None:
+        raise ValueError("eval: --arch and --weights go together")
+    if not Path(args.weights).is_file():
+        raise FileNotFoundError(f"--weights: no such file {args.weights!r}")
+    if args.no_ema:
+        raise ValueError("--no-ema: only with a CHECKPOINT (a weights file holds one set of weights)")
+    raw = read_yaml_mapping(args.data_config, "--data") if args.data_config else {}
+    raw = apply_overrides(raw, args.overrides)
+    data = raw.get("data")
+    if not isinstance(data, dict) or not data:
+        raise ValueError("eval: --arch/--weights need an eval set: --data CONFIG (its data: section) or "
+                         "--set data.type=... (e.g. --set data.type=paired --set data.root=DIR --set data.task=derain)")
+    data = {k: v for k, v in data.items() if k not in TRAINER_DATA_KEYS}
+    data.setdefault("seed", raw.get("seed", 0))
+    tasks = TaskSet(args.tasks if args.tasks is not None else raw.get("tasks", "3task"))
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else None
+    batch = int((raw.get("data") or {}).get("eval_batch_size", 1))
+    return evaluate_weights(args.arch, args.weights, data=data, tasks=tasks, config=_parse_config(args.model_config),
+                            train=train, device=args.device, convention=args.convention, batch_size=batch,
+                            self_ensemble=args.self_ensemble)
 
 
 def cmd_report(args) -> int:
@@ -210,6 +285,18 @@ def _demo_jobs(requested: Optional[int]) -> int:
     return min(len(DEMO_LOSSES), max(1, cores))
 
 
+def _logged_step(run_dir) -> int:
+    """The last step a run wrote to its log.csv (0 before its first row)."""
+    try:
+        with open(Path(run_dir) / "log.csv", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            last = f.read().decode("utf-8", "replace").strip().splitlines()[-1]
+        return int(float(last.split(",", 1)[0]))
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def cmd_demo(args) -> int:
     from .report import write_report
     from .train.evaluate import format_table, write_json
@@ -235,10 +322,17 @@ def cmd_demo(args) -> int:
         import multiprocessing as mp
         import queue as queue_mod
 
+        from tqdm import tqdm
+
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        procs = {loss: ctx.Process(target=_demo_worker, args=(cfgs[loss], i, 1, queue), name=f"tur-demo-{loss}")
+        # One bar for both runs (two bars redrawn by two processes interleave on one terminal): the workers keep
+        # quiet and the parent follows their log.csv files.
+        quiet = {loss: {**cfg, "train": {**cfg["train"], "progress": False}} for loss, cfg in cfgs.items()}
+        procs = {loss: ctx.Process(target=_demo_worker, args=(quiet[loss], i, 1, queue), name=f"tur-demo-{loss}")
                  for i, loss in enumerate(DEMO_LOSSES)}
+        bar = tqdm(total=steps * len(procs), desc="demo (" + " + ".join(procs) + ")", unit="step", dynamic_ncols=True,
+                   disable=not cfgs[DEMO_LOSSES[0]]["train"]["progress"])
         errors = []
         finished = False
         try:
@@ -246,6 +340,7 @@ def cmd_demo(args) -> int:
                 p.start()
             pending = set(procs)
             while pending:
+                bar.update(sum(_logged_step(cfgs[l]["output_dir"]) for l in procs) - bar.n)
                 try:
                     loss, res, err = queue.get(timeout=1.0)
                 except queue_mod.Empty:
@@ -262,6 +357,9 @@ def cmd_demo(args) -> int:
                     results[loss] = res
             finished = True
         finally:
+            if finished and not errors:
+                bar.update(bar.total - bar.n)
+            bar.close()
             for p in procs.values():
                 if p.is_alive() and (errors or not finished):
                     p.terminate()  # a failed or interrupted demo does not leave the other run training

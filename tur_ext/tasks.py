@@ -5,6 +5,7 @@ yield names, and :class:`TaskSet` converts between the two.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -61,9 +62,14 @@ class TaskSet:
     def __init__(self, tasks: Union[str, int, Sequence[str], "TaskSet"]):
         if isinstance(tasks, TaskSet):
             names: tuple[str, ...] = tasks.names_tuple
+        elif isinstance(tasks, str) and "," in tasks:  # "denoise_25,derain": the command lines' form
+            names = TaskSet([t.strip() for t in tasks.split(",") if t.strip()]).names_tuple
         elif isinstance(tasks, str):
             if tasks not in TASK_SETS:
-                raise ValueError(f"tasks: unknown task set {tasks!r}; expected one of {sorted(TASK_SETS)}")
+                close = difflib.get_close_matches(tasks, list(TASK_SETS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"tasks: unknown task set {tasks!r}{hint} (expected one of {sorted(TASK_SETS)}, "
+                                 "a list of task names, or names separated by commas)")
             names = TASK_SETS[tasks]
         elif isinstance(tasks, bool):
             raise TypeError("tasks: expected a task-set name, a list of task names or an int, got bool")

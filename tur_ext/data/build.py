@@ -1,6 +1,7 @@
 """Datasets and loaders from the ``data:`` section of a run config (the keys are documented in :mod:`tur_ext.data`)."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -71,7 +72,10 @@ def _section(cfg: Optional[Mapping[str, Any]], which: str) -> dict:
 def _check_keys(spec: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(spec) - _ALLOWED)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(_ALLOWED)}")
+        hints = [f"{k!r} -> {close[0]!r}" for k in unknown
+                 for close in [difflib.get_close_matches(k, sorted(_ALLOWED), n=1)] if close]
+        hint = f"; did you mean {', '.join(hints)}?" if hints else ""
+        raise ValueError(f"{where}: unknown key(s) {unknown}{hint} (expected some of {sorted(_ALLOWED)})")
 
 
 def _get(spec: Mapping[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
@@ -275,7 +279,9 @@ def _build(spec: dict, tasks: TaskSet, split: str, where: str) -> RestorationDat
     _check_keys(spec, where)
     kind = _get(spec, "type", "embedded", str, where)
     if kind not in BUILDERS:
-        raise ValueError(f"{where}.type: unknown data type {kind!r}; expected one of {list(BUILDERS)}")
+        close = difflib.get_close_matches(kind, list(BUILDERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where}.type: unknown data type {kind!r}{hint} (expected one of {list(BUILDERS)})")
     common = _Common(train=split == "train", seed=_get(spec, "seed", 0, int, where),
                      patch=_get(spec, "patch_size", 128, int, where), augment=_get(spec, "augment", True, bool, where),
                      skip=_get(spec, "skip_bad_images", False, bool, where),

@@ -69,6 +69,12 @@ SCHEMA = Section({
     "model": Section({
         "name": Field((str,), "nafnet-tiny", doc="a tur_ext.models preset"),
         "uncertainty": Field((bool, str), "auto", doc="auto: the uncertainty head iff the loss needs it"),
+        "pretrained": Field((str, None), None,
+                            doc="weights to start from (any layout load_weights reads: BasicSR, Lightning, a release)"),
+        "pretrained_strict": Field((bool,), False,
+                                   doc="also require the file's uncertainty head to match (false: fresh head if absent)"),
+        "pretrained_key": Field((str,), "auto", choices=("auto", "params_ema", "params"),
+                                doc="which weights of a BasicSR file (auto: params_ema when present)"),
     }, open=True),
     "loss": Section({
         "name": Field((str,), "tur", choices=("tur", "l1", "uw", "dwa")),

@@ -15,11 +15,12 @@ Multi-GPU: launched by ``torchrun``, each process trains on ``data.batch_size / 
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -68,8 +69,46 @@ def model_uncertainty(cfg: dict) -> bool:
     return bool(unc)
 
 
+#: model-section keys the trainer reads itself; the rest of ``model:`` goes to ``tur_ext.models.build``.
+TRAINER_MODEL_KEYS = ("name", "uncertainty", "pretrained", "pretrained_strict", "pretrained_key")
+
+
 def model_kwargs(cfg: dict) -> dict:
-    return {k: v for k, v in cfg["model"].items() if k not in ("name", "uncertainty")}
+    return {k: v for k, v in cfg["model"].items() if k not in TRAINER_MODEL_KEYS}
+
+
+def load_pretrained(model: nn.Module, m: dict):
+    """Load ``model.pretrained`` into ``model`` (``model.pretrained_key``, ``model.pretrained_strict``): the
+    :class:`~tur_ext.models.LoadReport`. Without ``pretrained_strict`` a file without an uncertainty head leaves the
+    model's head freshly initialised, and a file's head is dropped when the model has none."""
+    from ..models import load_weights
+
+    path = m["pretrained"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.pretrained: no such file {path!r}")
+    source: Any = path
+    if m["pretrained_key"] != "auto":
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or not isinstance(payload.get(m["pretrained_key"]), dict):
+            keys = ", ".join(map(repr, list(payload)[:8])) if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(f"model.pretrained_key: {path!r} has no {m['pretrained_key']!r} entry (top-level keys: "
+                             f"{keys})")
+        source = {m["pretrained_key"]: payload[m["pretrained_key"]]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fresh head is said in the trainer's own report line
+            report = load_weights(model, source, strict_head=m["pretrained_strict"])
+    except ValueError as e:
+        raise ValueError(f"model.pretrained: {path}: {e}" if source is not path else f"model.pretrained: {e}") from None
+    return report._replace(source=path)
+
+
+def describe_pretrained(report) -> str:
+    """One log line saying what :func:`load_pretrained` loaded."""
+    head = ("; uncertainty head: fresh (the file has none)" if report.missing_head_keys else
+            "; the file's uncertainty head dropped (the model has none)" if report.dropped_head_keys else "")
+    prefixes = f", prefixes {'+'.join(report.prefixes_stripped)} removed" if report.prefixes_stripped else ""
+    return f"started from {report.source} ({report.format}{prefixes}): {report.num_loaded} tensors{head}"
 
 
 class Trainer:
@@ -116,6 +155,7 @@ class Trainer:
         # --- model, loss, optimizer
         self.uncertainty = model_uncertainty(cfg)
         self.model = models.build(cfg["model"]["name"], uncertainty=self.uncertainty, **model_kwargs(cfg))
+        self.pretrained = load_pretrained(self.model, cfg["model"]) if cfg["model"]["pretrained"] else None
         self.model.to(self.device)
         loss_cfg = {k: v for k, v in cfg["loss"].items() if k != "name"}
         if cfg["loss"]["name"] == "dwa":
@@ -333,6 +373,8 @@ class Trainer:
             print(f"[tur] train data: {dataset_summary(self.train_set)}", flush=True)
             if self.eval_loader is not None:
                 print(f"[tur] eval data: {dataset_summary(self.eval_set)}", flush=True)
+        if resumed_from is None and self.pretrained is not None and self.dist.is_main:
+            print(f"[tur] model: {describe_pretrained(self.pretrained)}", flush=True)
         if resumed_from is not None:
             self.last_checkpoint = resumed_from
             if self.dist.is_main:
@@ -422,6 +464,7 @@ class _LogAccumulator:
         self.loss = 0.0
         self.sums: dict[str, torch.Tensor] = {}
         self.present = torch.zeros(k, dtype=torch.float64)
+        self.weight_n = torch.zeros(k, dtype=torch.float64)  # steps with a defined weight (TUR's: task present)
 
     def add(self, loss: torch.Tensor, logs: dict) -> None:
         self.n += 1
@@ -431,7 +474,11 @@ class _LogAccumulator:
         for key in ("loss", "l1", "uncertainty", "weight"):
             if key in logs:
                 v = logs[key].detach().cpu().double()
-                if key != "weight":
+                if key == "weight":
+                    defined = torch.isfinite(v)
+                    self.weight_n += defined.double()
+                    v = torch.where(defined, v, torch.zeros_like(v))
+                else:
                     v = v * present
                 self.sums[key] = self.sums.get(key, torch.zeros(self.k, dtype=torch.float64)) + v
 
@@ -442,8 +489,8 @@ class _LogAccumulator:
         if "l1" in self.sums:
             row["l1"] = float((self.sums["l1"] / denom)[self.present > 0].mean()) if bool((self.present > 0).any()) else None
         for key, vals in self.sums.items():
-            mean = vals / (max(self.n, 1) if key == "weight" else denom)
+            mean = vals / (self.weight_n.clamp_min(1) if key == "weight" else denom)
             for i, name in enumerate(tasks):
-                if key == "weight" or self.present[i] > 0:
+                if (self.weight_n[i] if key == "weight" else self.present[i]) > 0:
                     row[f"{key}/{name}"] = float(mean[i])
         return row
