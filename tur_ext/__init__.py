@@ -5,6 +5,7 @@ The loss is a fused C++/CUDA custom op (``torch.ops.tur.task_uncertainty_loss``)
 from . import ops, reference
 from .loss_common import TURLossOutput
 from .losses import TaskUncertaintyLoss, task_uncertainty_loss
+from .ops import deform_conv2d
 from .tasks import KNOWN_TASKS, TASK_SETS, TaskSet
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "TURLossOutput",
     "TaskSet",
     "TaskUncertaintyLoss",
+    "deform_conv2d",
     "ops",
     "reference",
     "task_uncertainty_loss",

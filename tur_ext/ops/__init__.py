@@ -155,3 +155,11 @@ def _backward(ctx, grad_loss, *_unused):
 if _C is not None:
     torch.library.register_fake(OP_NAME)(_fake_loss)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+# The second op, modulated deformable convolution (DCNv2); imported after the loss's registration above.
+from . import deform_conv as _deform_conv  # noqa: E402
+from .deform_conv import deform_conv2d  # noqa: E402
+
+if _C is not None:
+    _deform_conv.register()
