@@ -159,7 +159,7 @@ def test_python_m_tur_ext_ops_reports_the_backend_that_is_installed():
     proc = subprocess.run([sys.executable, "-m", "tur_ext.ops"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "TUR_REQUIRE_COMPILED": "0"})
     assert proc.returncode == 0, proc.stderr
-    printed = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.strip())
+    printed = {key: value.strip() for key, _, value in (line.partition(" ") for line in proc.stdout.splitlines())}
     expected = "compiled" if installed else "reference"
     assert printed["backend"] == ops.backend() == expected
     assert printed["torch_runtime"] == torch.__version__

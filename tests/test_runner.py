@@ -102,9 +102,11 @@ def test_runner_reads_formats_like_tur_restore(artifacts, inputs, tmp_path, name
     assert got.ndim == 3 and got.shape[2] == 3  # gray promoted to RGB, alpha dropped
     assert got.dtype == (np.uint16 if "16" in name else np.uint8)
     if name.endswith(".jpg"):
-        # Both sides write JPEG with OpenCV's default quality, but with different libjpeg builds (the wheel's and
-        # the system's), so the files differ by the re-encoding; the restorations themselves are compared above.
-        assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
+        # Both sides write JPEG with OpenCV's default quality (95), but with different libjpeg builds (the wheel's
+        # and the system's), which may round a DCT coefficient differently: one quantisation step (2-3 levels at
+        # quality 95) at a few pixels. Measured here: 0 everywhere. The restorations are compared exactly above.
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.max() <= 4 and np.percentile(diff, 99) <= 1, (diff.max(), np.percentile(diff, 99))
     else:
         _assert_within_one(got, expected, name)
 
