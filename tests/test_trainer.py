@@ -334,9 +334,10 @@ def test_two_process_training_with_torchrun_averages_gradients_and_writes_on_ran
             return torch.cat([(-lr * g / (g.abs() + 1.0)).flatten() for g in gradients[:n_model]])
 
         mean = [(g0 + g1) / 2 for g0, g1 in zip(*grads)]
-        assert (first_adam_step(mean) - want).norm() <= 1e-5 * want.norm()
-        for wrong in ([g0 + g1 for g0, g1 in zip(*grads)], grads[0]):
-            assert (first_adam_step(wrong) - want).norm() > 0.3 * want.norm()
+        assert (first_adam_step(mean) - want).norm() <= 1e-4 * want.norm()
+        for what, wrong in (("summed", [g0 + g1 for g0, g1 in zip(*grads)]), ("rank 0's", grads[0])):
+            off = ((first_adam_step(wrong) - want).norm() / want.norm()).item()
+            assert off > 0.3, f"the {what} gradients give an update only {off:.3f} away"
         if loss == "uw":
             ref_log_var = tr.loss_fn.log_var.detach()
             assert not torch.equal(ref_log_var, torch.zeros_like(ref_log_var))
