@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, NamedTuple
 
 import numpy as np
+import pytest
 import torch
 
 from tur_ext.export import ExportResult, export_aoti, export_torchscript
@@ -73,6 +74,23 @@ def runner_binary() -> Path:
     """The tur-restore executable: $TUR_RESTORE, else build/tur-restore (`make runner` puts it there)."""
     env = os.environ.get("TUR_RESTORE")
     return Path(env) if env else REPO_ROOT / "build" / "tur-restore"
+
+
+#: Starts the reason of every skip for a missing runner (tests/conftest.py counts them in the summary).
+RUNNER_MISSING = "the C++ runner is not built"
+
+
+def require_runner() -> Path:
+    """The runner binary, for tests that need it: skips the test when it is absent, or fails it when
+    ``TUR_REQUIRE_RUNNER=1`` (CI builds the runner first, so a missing one there is a broken build, not an
+    optional part)."""
+    path = runner_binary()
+    if path.is_file():
+        return path
+    message = f"{RUNNER_MISSING} ({path} missing): run `make runner` or set TUR_RESTORE"
+    if os.environ.get("TUR_REQUIRE_RUNNER") == "1":
+        pytest.fail(f"TUR_REQUIRE_RUNNER=1 but {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def repackage_with_torch_version(src: Path, dst: Path, version: str) -> None:

@@ -140,3 +140,31 @@ def test_help_lists_the_commands():
     assert r.returncode == 0
     for cmd in ("train", "eval", "report", "demo", "export", "restore"):
         assert cmd in r.stdout
+
+
+def test_python_m_tur_ext_ops_reports_the_backend_that_is_installed():
+    """`python -m tur_ext.ops` and ops.backend() against evidence of their own: whether the compiled module's file
+    is installed, whether the dispatcher holds a CPU kernel for the op, and what CI requires
+    (TUR_REQUIRE_COMPILED=1)."""
+    import importlib.util
+
+    import torch
+
+    from tur_ext import ops
+
+    found = importlib.util.find_spec("tur_ext._C")
+    installed = found is not None and found.origin is not None and Path(found.origin).is_file()
+    if os.environ.get("TUR_REQUIRE_COMPILED") == "1":
+        assert installed, "TUR_REQUIRE_COMPILED=1 but tur_ext._C is not installed"
+    proc = subprocess.run([sys.executable, "-m", "tur_ext.ops"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TUR_REQUIRE_COMPILED": "0"})
+    assert proc.returncode == 0, proc.stderr
+    printed = {key: value.strip() for key, _, value in (line.partition(" ") for line in proc.stdout.splitlines())}
+    expected = "compiled" if installed else "reference"
+    assert printed["backend"] == ops.backend() == expected
+    assert printed["torch_runtime"] == torch.__version__
+    registered = (hasattr(torch.ops.tur, "task_uncertainty_loss")
+                  and torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, "CPU"))
+    assert registered == installed
+    if installed:
+        assert printed["torch_version"].split("+")[0] == torch.__version__.split("+")[0]

@@ -68,14 +68,26 @@ def test_available_lists_the_registered_models():
     assert {"promptir", "nafnet", "nafnet-tiny", "nafnet-w32"} <= set(names)
 
 
+#: What the README declares per model (its models table and the TransWeather section: "fp16 is not declared").
+#: test_fp16_inference_is_close_to_fp32 runs an fp16 forward of every model declared here as supporting it.
+DECLARED = {  # name: (size multiple, supports fp16)
+    "promptir": (8, True), "nafnet": (16, True), "nafnet-w32": (16, True), "nafnet-tiny": (8, True),
+    "transweather": (16, False),
+}
+
+
+def test_every_registered_model_is_declared():
+    assert set(available()) == set(DECLARED)
+
+
 @pytest.mark.parametrize("name", available())
 def test_spec_facts_match_the_built_model(name):
     with torch.device("meta"):  # no memory, no init: a 35M-parameter model builds instantly
         model = build(name)
     s = spec(name)
     assert model.arch == name
-    assert model.size_multiple == s.size_multiple
-    assert model.supports_fp16 == s.supports_fp16
+    assert (model.size_multiple, model.supports_fp16) == DECLARED[name]
+    assert (s.size_multiple, s.supports_fp16) == DECLARED[name]
     assert isinstance(model.size_multiple, int) and model.size_multiple >= 1
 
 
@@ -85,7 +97,12 @@ def test_size_multiples_and_parameter_counts():
         multiples = {n: build(n).size_multiple for n in available()}
         deep = build("nafnet", width=8, enc_blocks=[1] * 5, middle_blocks=1, dec_blocks=[1] * 5)
     assert counts["promptir"] == 35_592_263
-    assert counts["nafnet-tiny"] < 500_000
+    with torch.device("meta"):
+        with_head = {n: sum(p.numel() for p in build(n, uncertainty=True).parameters())
+                     for n in ("promptir", "nafnet-w32", "nafnet-tiny")}
+    # The README's models table, "N (M with head)".
+    assert counts["nafnet-tiny"] == 407_603 and with_head["nafnet-tiny"] == 412_678
+    assert with_head == {"promptir": 35_760_938, "nafnet-w32": 29_179_078, "nafnet-tiny": 412_678}
     assert counts["nafnet-w32"] == counts["nafnet"] == 29_159_715  # published NAFNet-width32: "29.1M"
     assert multiples == {"promptir": 8, "nafnet": 16, "nafnet-w32": 16, "nafnet-tiny": 8, "transweather": 16}
     assert deep.size_multiple == 32 and spec("nafnet").size_multiple == 16
@@ -395,12 +412,26 @@ def test_padding_helpers_reject_bad_arguments():
 
 @pytest.mark.parametrize("name,cfg", FAMILIES)
 def test_pad_run_crop_round_trip(name, cfg):
+    """Values, not only shapes: the padding is torch's reflect pad on the bottom and right, the crop is the top-left
+    slice, and with the output convolution zeroed (the model is then the identity: both families add the input
+    back) the round trip returns the input exactly."""
     model = _make(name).eval()
+    m = model.size_multiple
     x = torch.rand(1, 3, 19, 13)
-    padded, size = pad_to_multiple(x, model.size_multiple)
+    padded, size = pad_to_multiple(x, m)
+    assert size == (19, 13) and padded.shape[-2:] == (24, 16)
+    assert torch.equal(padded, F.pad(x, (0, 16 - 13, 0, 24 - 19), mode="reflect"))
     with torch.no_grad():
-        y = crop_to(model(padded), size)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+        full = model(padded)
+        y = crop_to(full, size)
+        assert torch.equal(y, full[..., :19, :13])
+        assert (y - x).abs().max() > 1e-3  # the network does change the image
+        last = model.ending if isinstance(model, NAFNet) else model.output
+        last.weight.zero_()
+        if last.bias is not None:  # PromptIR's output convolution has none
+            last.bias.zero_()
+        identity = crop_to(model(pad_to_multiple(x, m)[0]), size)
+    assert torch.equal(identity, x)
 
 
 # ----------------------------------------------------------------------------------------- trace and export

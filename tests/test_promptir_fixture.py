@@ -1,36 +1,30 @@
 """PromptIR against the fixture of the official release: state-dict layout, parameter count, forward output.
 
 The fixture lives beside the checkout (``../shared/fixtures/promptir_official.json``, as in CI) and is never copied
-into the repository; these tests skip where it is absent.
+into the repository: see ``tests/fixtures.py`` (skipped where ``../shared`` is absent, an error where it exists but
+the fixture does not).
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch.export import Dim
 
+from fixtures import load_official_fixture
 from tur_ext.models import build, load_weights, strip_uncertainty
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "promptir_official.json"
 HEAD_SHAPES = {
     "var_conv.0.weight": [96, 96, 3, 3], "var_conv.0.bias": [96],
     "var_conv.2.weight": [96, 96, 3, 3], "var_conv.2.bias": [96],
     "var_conv.4.weight": [3, 96, 3, 3], "var_conv.4.bias": [3],
 }
 
-pytestmark = pytest.mark.skipif(
-    not FIXTURE.is_file(),
-    reason=f"PromptIR fixture not found at {FIXTURE} (it lives in ../shared/fixtures beside the checkout)")
-
 
 @pytest.fixture(scope="module")
 def fixture() -> dict:
-    with open(FIXTURE, encoding="utf-8") as f:
-        return json.load(f)
+    return load_official_fixture("promptir")
 
 
 def deterministic_weights(layout: dict) -> dict:
@@ -110,3 +104,29 @@ def test_full_size_trace_and_export_match_eager(official):
             eager = official(x)
             assert (traced(x) - eager).abs().max().item() <= 1e-4
             assert (exported(x) - eager).abs().max().item() <= 1e-4
+
+
+def test_fixture_helper_skips_only_without_shared_and_fails_with_it(tmp_path, monkeypatch):
+    """tests/fixtures.py: a fixture absent because ../shared is absent skips; absent (or broken) although
+    ../shared exists fails, so CI cannot pass without the comparisons above."""
+    import fixtures
+
+    monkeypatch.delenv("TUR_REQUIRE_FIXTURES", raising=False)
+    shared = tmp_path / "shared"
+    monkeypatch.setattr(fixtures, "SHARED", shared)
+    monkeypatch.setattr(fixtures, "FIXTURES", shared / "fixtures")
+    with pytest.raises(pytest.skip.Exception, match="is absent"):
+        fixtures.load_official_fixture("promptir")
+    monkeypatch.setenv("TUR_REQUIRE_FIXTURES", "1")
+    with pytest.raises(pytest.fail.Exception, match="fixture missing"):
+        fixtures.load_official_fixture("promptir")
+    monkeypatch.delenv("TUR_REQUIRE_FIXTURES")
+    (shared / "fixtures").mkdir(parents=True)
+    with pytest.raises(pytest.fail.Exception, match="fixture missing although"):
+        fixtures.load_official_fixture("promptir")
+    (shared / "fixtures" / "promptir_official.json").write_text("{truncated")
+    with pytest.raises(pytest.fail.Exception, match="not a readable JSON fixture"):
+        fixtures.load_official_fixture("promptir")
+    (shared / "fixtures" / "x_official.json").write_text('{"num_params": 3}')
+    assert fixtures.load_official_fixture("x") == {"num_params": 3}
+    assert fixtures.fixture_path("promptir") == fixtures.FIXTURES / "promptir_official.json"

@@ -1,6 +1,7 @@
 """The C++ runner tur-restore against `tur restore`, and its error handling.
 
-Needs the runner binary: build/tur-restore (`make runner`) or the path in $TUR_RESTORE; skipped when it is absent.
+Needs the runner binary: build/tur-restore (`make runner`) or the path in $TUR_RESTORE; skipped when it is absent
+(the summary of the run counts them), and failed instead when TUR_REQUIRE_RUNNER=1 (CI).
 """
 from __future__ import annotations
 
@@ -12,13 +13,23 @@ import numpy as np
 import pytest
 import torch
 
-from export_helpers import photo_crop, repackage_with_torch_version, runner_binary, session_artifacts, tiny_model
+from export_helpers import (
+    photo_crop,
+    repackage_with_torch_version,
+    require_runner,
+    runner_binary,
+    session_artifacts,
+    tiny_model,
+)
 from tur_ext import deploy_cli
 from tur_ext.export import export_torchscript
 
 RUNNER = runner_binary()
-pytestmark = pytest.mark.skipif(
-    not RUNNER.is_file(), reason=f"the C++ runner is not built ({RUNNER} missing): run `make runner` or set TUR_RESTORE")
+
+
+@pytest.fixture(autouse=True)
+def _runner_present():
+    require_runner()
 
 
 def run_runner(*args, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -77,6 +88,8 @@ def test_runner_matches_tur_restore(artifacts, inputs, tmp_path, fmt, tiling):
     expected = _python_restore(model, image, tmp_path / "py", tiling)
     got = _runner_restore(model, image, tmp_path / "runner.png", tiling)
     _assert_within_one(got, expected, f"{fmt} {tiling}")
+    # The README's "measured difference: 0": the same libtorch kernels on the same input give the same bytes.
+    assert np.array_equal(got, expected), f"{fmt} {tiling}: {np.mean(got != expected):.2%} of samples differ"
     # The comparison is not trivial: the model changes the image, and the tiles change the result.
     assert np.abs(expected.astype(int) - cv2.imread(str(image)).astype(int)).mean() > 2
 
@@ -89,9 +102,11 @@ def test_runner_reads_formats_like_tur_restore(artifacts, inputs, tmp_path, name
     assert got.ndim == 3 and got.shape[2] == 3  # gray promoted to RGB, alpha dropped
     assert got.dtype == (np.uint16 if "16" in name else np.uint8)
     if name.endswith(".jpg"):
-        # Both sides write JPEG with OpenCV's default quality, but with different libjpeg builds (the wheel's and
-        # the system's), so the files differ by the re-encoding; the restorations themselves are compared above.
-        assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
+        # Both sides write JPEG with OpenCV's default quality (95), but with different libjpeg builds (the wheel's
+        # and the system's), which may round a DCT coefficient differently: one quantisation step (2-3 levels at
+        # quality 95) at a few pixels. Measured here: 0 everywhere. The restorations are compared exactly above.
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.max() <= 4 and np.percentile(diff, 99) <= 1, (diff.max(), np.percentile(diff, 99))
     else:
         _assert_within_one(got, expected, name)
 

@@ -213,44 +213,162 @@ def test_ema_update_formula():
         ModelEMA(net, decay=1.0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss", ["tur", "uw", "dwa"])
-def test_two_process_training_with_torchrun_writes_on_rank_zero_only(tmp_path, loss):
-    """WORLD_SIZE=2 on CPU (gloo): both ranks train (uw's gradients and dwa's averages are all-reduced as well),
-    only rank 0 writes."""
-    script = tmp_path / "cfg.yaml"
+#: Run under torchrun in place of `python -m tur_ext`: the `tur` command line, with an audit hook (PEP 578) that
+#: records every file this rank opens for writing, renames, removes or creates under the run folder (all of the
+#: trainer's writes go through Python's open/os.replace: checkpoints, logs, config, JSON). Instrumentation only.
+AUDITED_TRAIN = """
+import json, os, sys
+run_dir, record = os.path.abspath(sys.argv[1]), sys.argv[2]
+events = []
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+def under_run(path):
+    return isinstance(path, (str, os.PathLike)) and os.path.abspath(os.fspath(path)).startswith(run_dir)
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE)
+        if writes and under_run(path):
+            events.append([event, os.fspath(path)])
+    elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "shutil.rmtree"):
+        if any(under_run(a) for a in args[:2]):
+            events.append([event] + [os.fspath(a) for a in args[:2] if isinstance(a, (str, os.PathLike))])
+
+sys.addaudithook(hook)
+from tur_ext.cli import main
+code = main(sys.argv[3:])
+with open(f"{record}.rank{os.environ['RANK']}.json", "w") as f:
+    json.dump(events, f)
+sys.exit(code)
+"""
+
+
+def _torchrun(tmp_path: Path, cfg: dict, nproc: int = 2, timeout: float = 240) -> dict:
+    """Train ``cfg`` with torchrun (CPU, gloo) through AUDITED_TRAIN; returns {rank: the writes it made}."""
     import yaml
 
-    extra = ["loss.period=1"] if loss == "dwa" else []
-    cfg = tiny(tmp_path / "ddp", "data.batch_size=10", "train.steps=2", "train.checkpoint_every=2",
-               f"loss.name={loss}", *extra)
-    script.write_text(yaml.safe_dump(cfg))
+    config, wrapper, record = tmp_path / "cfg.yaml", tmp_path / "audited_train.py", tmp_path / "writes"
+    config.write_text(yaml.safe_dump(cfg))
+    wrapper.write_text(AUDITED_TRAIN)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "tur_ext", "train", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(wrapper), cfg["output_dir"], str(record), "train", str(config)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: nothing left running
         proc.communicate()
-        pytest.fail("torchrun training did not finish in 240 s")
-    r = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000002.pt")
-    assert ck["step"] == 2
-    assert len(list((tmp_path / "ddp").glob("log.csv"))) == 1
+        pytest.fail(f"torchrun training did not finish in {timeout} s")
+    assert proc.returncode == 0, err[-3000:]
+    import json
+
+    return {r: json.loads(Path(f"{record}.rank{r}.json").read_text()) for r in range(nproc)}
+
+
+def _one_process_reference_step(cfg: dict, world_size: int = 2):
+    """What one step of a ``world_size``-rank run must give, computed in this process: the model's gradients on
+    each rank's batch (global batches 0 .. world_size-1 of the same sequence, see TaskBalancedBatchSampler),
+    averaged, then one optimizer step. Returns (params before, after, the single-batch gradients, the trainer)."""
+    tr = Trainer(cfg)
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    before = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    batches = [b for _, b in zip(range(world_size), tr.loader)]
+    grads = []
+    tr.model.train()
+    tr.loss_fn.train()
+    for b in batches:
+        tr.optimizer.zero_grad(set_to_none=True)
+        pred, unc = tr._forward(b["lq"])
+        loss, _ = tr.loss_fn(pred, b["gt"].float(), unc, b["task_id"])
+        loss.backward()
+        grads.append([p.grad.detach().clone() for p in params])
+    for i, p in enumerate(params):
+        p.grad = sum(g[i] for g in grads) / world_size
+    tr.optimizer.step()
+    return before, grads, tr
 
 
 @pytest.mark.slow
-def test_torch_compile_option_trains_and_saves_plain_keys(tmp_path):
-    """train.compile=true (inductor on CPU: about a minute to compile); checkpoints hold the uncompiled keys."""
-    with Trainer(tiny(tmp_path / "run", "train.compile=true", "train.steps=2", "train.checkpoint_every=2")) as tr:
-        tr.train()
-    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+@pytest.mark.parametrize("loss", ["tur", "uw", "dwa"])
+def test_two_process_training_with_torchrun_averages_gradients_and_writes_on_rank_zero_only(tmp_path, loss):
+    """WORLD_SIZE=2 on CPU (gloo), one step of a global batch of 10 (5 per rank). The weights after the step equal,
+    within 1e-4 of the update's size, those of one process that averages the gradients of the two ranks' batches
+    and steps once (uw's log-variances and dwa's loss averages are all-reduced as well); the summed or rank 0's
+    own gradients would be 0.3 to 1.0 away. Adam's eps is set to 1, far above |grad|, so that the update is
+    about lr * grad (with the default eps Adam's first step is lr * sign(grad), blind to a wrong scale).
+    Rank 1 makes no write at all under the run folder, rank 0 writes the checkpoint, logs and config."""
+    overrides = ["data.batch_size=10", "train.steps=1", "train.checkpoint_every=1", "schedule.warmup=0",
+                 "optim.eps=1.0", "optim.lr=0.01", f"loss.name={loss}"]
+    extra = ["loss.period=1"] if loss == "dwa" else []
+    writes = _torchrun(tmp_path, tiny(tmp_path / "ddp", *overrides, *extra))
+    run = tmp_path / "ddp"
+    assert writes[1] == [], writes[1]
+    written = {Path(e[-1]).relative_to(run).as_posix() for e in writes[0]}
+    assert {"log.csv", "config.yaml", "checkpoints/step_00000001.pt"} <= written, sorted(written)
+    ck = load_checkpoint(run / "checkpoints" / "step_00000001.pt")
+    assert ck["step"] == 1
+
+    # dwa: one period of two calls here accumulates the two batches as the all-reduce does in one call there.
+    ref_extra = ["loss.period=2"] if loss == "dwa" else []
+    before, grads, tr = _one_process_reference_step(
+        tiny(tmp_path / "ref", *overrides, "data.batch_size=5", *ref_extra))
+    with tr:
+        after = tr.model.state_dict()
+        names = [n for n, _ in tr.model.named_parameters()]
+        got = torch.cat([(ck["params"][n] - before[n]).flatten() for n in names])
+        want = torch.cat([(after[n] - before[n]).flatten() for n in names])
+        assert want.norm() > 0
+        assert (got - want).norm() <= 1e-4 * want.norm(), ((got - want).norm(), want.norm())
+        # The comparison can tell: an update from the summed gradients, or from rank 0's alone, is far off.
+        # Adam's first step is exactly -lr * g / (|g| + eps) (bias corrections cancel); for the averaged gradient it
+        # gives the reference update, for the summed gradients or rank 0's alone it is far off.
+        lr, n_model = tr.optimizer.param_groups[0]["lr"], len(names)
+
+        def first_adam_step(gradients) -> torch.Tensor:
+            return torch.cat([(-lr * g / (g.abs() + 1.0)).flatten() for g in gradients[:n_model]])
+
+        mean = [(g0 + g1) / 2 for g0, g1 in zip(*grads)]
+        assert (first_adam_step(mean) - want).norm() <= 1e-4 * want.norm()
+        for what, wrong in (("summed", [g0 + g1 for g0, g1 in zip(*grads)]), ("rank 0's", grads[0])):
+            off = ((first_adam_step(wrong) - want).norm() / want.norm()).item()
+            assert off > 0.3, f"the {what} gradients give an update only {off:.3f} away"
+        if loss == "uw":
+            ref_log_var = tr.loss_fn.log_var.detach()
+            assert not torch.equal(ref_log_var, torch.zeros_like(ref_log_var))
+            torch.testing.assert_close(ck["loss"]["log_var"], ref_log_var, rtol=0, atol=1e-7)
+        if loss == "dwa":
+            assert int(ck["loss"]["periods_done"]) == 1
+            # rtol: the ranks ran with one thread each, this process with more (convolutions sum in another order).
+            torch.testing.assert_close(ck["loss"]["history"], tr.loss_fn.history, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains_like_eager_and_saves_plain_keys(tmp_path):
+    """train.compile=true (inductor on CPU: about a minute to compile) against the same run in eager mode: per-step
+    losses within 1e-4 relative, and the weights after 2 steps within 1e-3 of the update's size (inductor fuses
+    and reorders float32 sums; Adam's eps is 1 so that the update is about lr * grad, which such rounding moves
+    by as little, instead of lr * sign(grad)). Checkpoints hold the uncompiled keys."""
+    common = ["train.steps=2", "train.checkpoint_every=2", "optim.eps=1.0", "optim.lr=0.01", "schedule.warmup=0"]
+    with Trainer(tiny(tmp_path / "init", *common)) as tr:
+        start = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    for mode in ("eager", "compiled"):
+        _train(tiny(tmp_path / mode, *common, f"train.compile={mode == 'compiled'}"))
+    ck = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_00000002.pt")
+    eager = load_checkpoint(tmp_path / "eager" / "checkpoints" / "step_00000002.pt")
     assert not any(k.startswith("_orig_mod") for k in ck["params"])
-    assert set(ck["params"]) == set(ck["params_ema"])
+    assert set(ck["params"]) == set(ck["params_ema"]) == set(eager["params"])
+    update = max((eager["params"][k] - start[k]).abs().max().item() for k in start)
+    diff = max((ck["params"][k] - eager["params"][k]).abs().max().item() for k in start)
+    assert update > 1e-3 and diff <= 1e-3 * update, (diff, update)
+
+    def losses(run):
+        with open(tmp_path / run / "log.csv", newline="") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4) and len(losses("eager")) == 2

@@ -1,14 +1,14 @@
 """TransWeather: both released layouts against the fixtures made from the authors' and the TUR code, the size rule,
 the value-range plumbing (evaluation, trainer, `tur restore`, export metadata, the C++ runner) and TorchScript export.
 
-The fixtures live beside the checkout (``../shared/fixtures/transweather*_official.json``); the tests that need them
-skip where they are absent. The dynamic-shape torch.export and the AOTInductor package of TransWeather take minutes
+The fixtures live beside the checkout (``../shared/fixtures/transweather*_official.json``, read through
+``tests/fixtures.py``): the tests that need them skip where ``../shared`` is absent and fail where it exists but a
+fixture does not. The dynamic-shape torch.export and the AOTInductor package of TransWeather take minutes
 to compile on 2 CPU cores (the graph, not the width, sets the time): they run only with ``TUR_SLOW_EXPORTS=1``
 (``make transweather-export-check``).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from export_helpers import photo_crop, runner_binary
+from fixtures import load_official_fixture
 from tur_ext import deploy_cli
 from tur_ext.export import build_metadata, export_aoti, export_program, export_torchscript, model_from_weights
 from tur_ext.inference import load_restorer, resolve_tiling
@@ -38,11 +39,6 @@ from tur_ext.train.evaluate import restore
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-OFFICIAL = FIXTURES / "transweather_official.json"
-TUR = FIXTURES / "transweather_tur_official.json"
-needs_fixtures = pytest.mark.skipif(not (OFFICIAL.is_file() and TUR.is_file()),
-                                    reason=f"TransWeather fixtures not found in {FIXTURES}")
 RUNNER = runner_binary()
 needs_runner = pytest.mark.skipif(not RUNNER.is_file(), reason=f"the C++ runner is not built ({RUNNER} missing)")
 slow_exports = pytest.mark.skipif(os.environ.get("TUR_SLOW_EXPORTS") != "1",
@@ -80,14 +76,12 @@ def small_model(uncertainty: bool = False, **config) -> TransWeather:
 
 @pytest.fixture(scope="module")
 def official() -> dict:
-    with open(OFFICIAL, encoding="utf-8") as f:
-        return json.load(f)
+    return load_official_fixture("transweather")
 
 
 @pytest.fixture(scope="module")
 def tur() -> dict:
-    with open(TUR, encoding="utf-8") as f:
-        return json.load(f)
+    return load_official_fixture("transweather_tur")
 
 
 def fixture_input(fx: dict) -> torch.Tensor:
@@ -100,7 +94,6 @@ def max_err(got: torch.Tensor, flat: list) -> float:
 
 # --------------------------------------------------------------------------------------------- the two releases
 
-@needs_fixtures
 def test_layouts_and_parameter_counts_of_both_releases(official, tur):
     with torch.device("meta"):
         plain, with_head = build("transweather"), build("transweather", uncertainty=True)
@@ -116,7 +109,6 @@ def test_layouts_and_parameter_counts_of_both_releases(official, tur):
     assert n_head == tur["num_params"] == 37_756_798 and n_head - n_plain == tur["num_params_head"] == 1387
 
 
-@needs_fixtures
 def test_authors_release_loads_reproduces_and_sets_the_input_range(official):
     """The DataParallel state dict with the unused modules: they are dropped, the forward matches the authors' code,
     and the weights' input range [-1, 1] (Normalize(0.5, 0.5) in the authors' loaders) is recorded."""
@@ -137,7 +129,6 @@ def test_authors_release_loads_reproduces_and_sets_the_input_range(official):
     assert max_err(out, official["expected_output"]) <= 1e-4
 
 
-@needs_fixtures
 def test_tur_release_reproduces_image_and_uncertainty(tur, tmp_path):
     """BasicSR {"params", "params_ema"} (EMA preferred) into the TUR variant: image and uncertainty as the TUR code
     computes them; its input range stays [0, 1]. Without a head (export), the head is dropped, the image is kept."""
