@@ -273,7 +273,7 @@ def restore_samples(runs: Mapping[str, Path], *, per_task: Optional[int] = None,
             outs[name] = restore(model, lq.to(device)).cpu()[0]
         outs["clean"] = gt[0]
         spec = settings[task]
-        kw = {"crop_border": spec["crop_border"], "test_y_channel": spec["y_channel"]}
+        kw = {"crop_border": spec["crop_border"], "test_y_channel": spec["test_y_channel"]}
         images = {c: t.permute(1, 2, 0).clamp(0, 1).numpy() for c, t in outs.items()}
         mets = {c: {"psnr": M.psnr(images[c], images["clean"], spec["convention"], **kw),
                     "ssim": M.ssim(images[c], images["clean"], spec["convention"], **kw)}
