@@ -283,10 +283,17 @@ def restore_samples(runs: Mapping[str, Path], *, per_task: Optional[int] = None,
     return choices, groups
 
 
+#: Held-out samples per task in report.html: the demo's 4 crops each; a full test set would make a page of
+#: hundreds of megabytes.
+REPORT_SAMPLES_PER_TASK = 8
+
+
 def write_html_report(folder: PathLike, runs: Mapping[str, Path], markdown: str, *, title: str,
-                      samples: bool = True, per_task: Optional[int] = None, device: str = "cpu") -> Path:
-    """``folder/report.html``: the viewers of the held-out samples (when ``samples`` and a run has a checkpoint),
-    then ``markdown`` (``report.md``'s text) with its PNG plots embedded. Returns the page's path."""
+                      samples: bool = True, per_task: Optional[int] = REPORT_SAMPLES_PER_TASK,
+                      device: str = "cpu") -> Path:
+    """``folder/report.html``: the viewers of the held-out samples (when ``samples`` and a run has a checkpoint;
+    the first ``per_task`` of each task), then ``markdown`` (``report.md``'s text) with its PNG plots embedded.
+    Returns the page's path."""
     folder = Path(folder)
     figures = {m: _png_uri(folder / m) for m in re.findall(r"!\[.*?\]\((.*?\.png)\)", markdown)
                if (folder / m).is_file() and m != "samples.png"}  # the viewers replace the static grid
