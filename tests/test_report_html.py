@@ -263,7 +263,7 @@ def test_compare_page_slider_zoom_in_chromium(browser, compare_page):
     assert _texture(moved, xs + 190, xs + 350, y0, y1) < left / 3  # that band now shows the blurred image
 
     # Wheel: 2x zoom kept under the pointer, drawn nearest-neighbour.
-    browser.mouse("mouseWheel", ox + 360, oy + 240, buttons=0, button="none", deltaX=0, deltaY=-120)
+    browser.mouse("mouseWheel", ox + 360, oy + 240, buttons=0, button="none", deltaX=0, deltaY=-100)
     st = _state(browser)
     assert st["zoom"] == 2 and browser.eval("document.querySelector('.viewer').dataset.scale") == "3.7500"
     assert browser.eval("getComputedStyle(document.querySelector('.viewer img')).imageRendering") == "pixelated"

@@ -546,7 +546,9 @@ _JS = r"""
       e.preventDefault();
       S.active = view.gi;
       const p = pos(e);
-      zoomBy(e.deltaY < 0 ? 2 : 0.5, {view, x: p.x, y: p.y});
+      // One mouse-wheel notch (100 px) doubles or halves; a touchpad's small deltas zoom smoothly.
+      const d = e.deltaMode === 1 ? e.deltaY * 33 : (e.deltaMode === 2 ? e.deltaY * 400 : e.deltaY);
+      zoomBy(Math.pow(2, Math.max(-2, Math.min(2, -d / 100))), {view, x: p.x, y: p.y});
     }, {passive: false});
     v.addEventListener("dblclick", () => { S.zoom = 1; S.u = S.v = 0.5; render(); });
   }
