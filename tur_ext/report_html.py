@@ -372,6 +372,7 @@ figure{margin:8px 0}img.plot{max-width:100%}
 .viewer .lab{position:absolute;top:6px;padding:1px 6px;background:rgba(0,0,0,.6);color:#fff;font-size:12px;
  pointer-events:none}
 .viewer .lab.l{left:6px}.viewer .lab.r{right:6px}
+.row{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}
 .strip{display:flex;gap:4px;margin:4px 0;flex-wrap:wrap}
 .strip button{padding:0;border:2px solid transparent;background:none;cursor:pointer;line-height:0}
 .strip button.on{border-color:#3b82f6}
@@ -421,11 +422,11 @@ _JS = r"""
     const sec = document.createElement("div");
     sec.className = "group";
     sec.innerHTML = (D.groups.length > 1 ? "<h3></h3>" : "") +
-      '<div class="viewer" tabindex="0"><div class="layer lay-l"><img alt=""></div>' +
+      '<div class="row"><div><div class="viewer" tabindex="0"><div class="layer lay-l"><img alt=""></div>' +
       '<div class="layer lay-r"><img alt=""></div><div class="split"></div>' +
-      '<span class="lab l"></span><span class="lab r"></span></div>' +
-      '<div class="strip"></div><table class="mt"><thead><tr><th>' +
-      '</th><th>PSNR (dB)</th><th>SSIM</th></tr></thead><tbody></tbody></table>';
+      '<span class="lab l"></span><span class="lab r"></span></div><div class="strip"></div></div>' +
+      '<table class="mt"><thead><tr><th></th><th>PSNR (dB)</th><th>SSIM</th></tr></thead>' +
+      '<tbody></tbody></table></div>';
     if (D.groups.length > 1) sec.querySelector("h3").textContent = g.name;
     host.appendChild(sec);
     const v = sec.querySelector(".viewer");
