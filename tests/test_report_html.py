@@ -18,7 +18,7 @@ import yaml
 from tur_ext import metrics as M
 from tur_ext.cli import main
 from tur_ext.data.io import read_image, write_image
-from tur_ext.report_html import Group, Sample, markdown_to_html, page_data
+from tur_ext.report_html import Group, Sample, build_page, markdown_to_html, page_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cdp import Browser, find_chromium  # noqa: E402
@@ -104,6 +104,12 @@ def test_markdown_subset_to_html():
     assert "<i>no validation results</i>" in out
     assert '<img class="plot" src="data:image/png;base64,AAAA" alt="Curves">' in out and "gone.png" not in out
     assert "<td" in markdown_to_html("| <x> |\n|---|\n| a&b |") and "&lt;x&gt;" in markdown_to_html("| <x> |\n|--|")
+
+
+def test_page_without_samples_has_no_viewer():
+    html = build_page("A <report>", None, "<p>body</p>")
+    assert 'id="tur-data"' not in html and "<p>body</p>" in html and "<title>A &lt;report&gt;</title>" in html
+    _assert_self_contained(html)
 
 
 def test_page_data_rejects_bad_samples():
