@@ -3,7 +3,8 @@
     tur train CONFIG [--set a.b=value ...] [--resume auto|PATH] [--pretrained FILE] [--out DIR]
     tur eval CHECKPOINT|RUN_DIR [--set data.key=value ...] [--no-ema] [--convention promptir|basicsr] [--out JSON]
     tur eval --arch NAME --weights FILE [--data CONFIG] [--set data.key=value ...] [--tasks A,B] [--self-ensemble]
-    tur report RUN_DIR
+    tur report RUN_DIR [--html]
+    tur compare A.png B.png ... [--ref CLEAN.png] [--names a,b,...] --out page.html
     tur --version
     tur demo [--out runs/demo] [--steps N] [--jobs N]
     tur study CONFIG [--set key=value ...] [--jobs N] [--out DIR]   (fidelity study, see tur_ext.study)
@@ -112,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write report.md + plots for a run folder or a folder of runs")
     r.add_argument("run_dir", help="a run folder, or a folder of run folders (a demo's, a study's) to compare")
     r.add_argument("--no-samples", action="store_true", help="skip the restored-samples grid")
+    r.add_argument("--html", action="store_true",
+                   help="also write report.html: one self-contained page with before/after sliders per task")
+
+    c = sub.add_parser("compare", help="one self-contained HTML page comparing images with a before/after slider")
+    c.add_argument("images", nargs="+", help="image files of one scene, all the same size")
+    c.add_argument("--out", required=True, help="the HTML file to write")
+    c.add_argument("--ref", default=None, help="the clean reference: PSNR/SSIM of every image against it")
+    c.add_argument("--names", default=None, help="comma-separated labels, one per image (default: file names)")
+    c.add_argument("--title", default=None, help="page title")
 
     d = sub.add_parser("demo", help="quickstart: TUR vs uniform L1 on the embedded data, evaluated and reported")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -242,8 +252,17 @@ def _eval_weights(args) -> dict:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.run_dir, samples=not args.no_samples)
-    print(f"[tur] wrote {path}")
+    path = write_report(args.run_dir, samples=not args.no_samples, html=args.html)
+    print(f"[tur] wrote {path}" + (f" and {path.with_name('report.html')}" if args.html else ""))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .report_html import compare_images
+
+    names = [n.strip() for n in args.names.split(",")] if args.names is not None else None
+    path = compare_images(args.images, args.out, names=names, ref=args.ref, title=args.title)
+    print(f"[tur] wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -368,7 +387,7 @@ def cmd_demo(args) -> int:
             raise RuntimeError("demo run failed: " + "; ".join(errors))
     results = {loss: results[loss] for loss in DEMO_LOSSES}
     write_json(out / "metrics.json", results)
-    report = write_report(out, title="tur demo: TUR vs uniform L1 (nafnet-tiny, 3-task, embedded data)")
+    report = write_report(out, title="tur demo: TUR vs uniform L1 (nafnet-tiny, 3-task, embedded data)", html=True)
     tasks = list(next(iter(results.values())))
     print()
     print("Per-task results on the held-out set (PSNR dB / SSIM, PromptIR convention, EMA weights):")
@@ -378,7 +397,8 @@ def cmd_demo(args) -> int:
 
         print("\n[tur] deployment: the TUR model without its uncertainty head, exported and run on a held-out image")
         deploy_demo(cfgs["tur"]["output_dir"], out / "deploy")
-    print(f"\n[tur] wrote {out / 'metrics.json'} and {report} in {time.perf_counter() - started:.0f} s")
+    print(f"\n[tur] wrote {out / 'metrics.json'}, {report} and {report.with_name('report.html')} "
+          f"in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -393,7 +413,8 @@ def cmd_study(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo, "study": cmd_study}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo, "study": cmd_study,
+            "compare": cmd_compare}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,6 +5,7 @@ takes the folder itself if it is a run, else every run directly inside it (the d
 writes into ``folder``:
 
     report.md          summary table, per-task PSNR/SSIM table, the plots below
+    report.html        (``html=True``) the same in one self-contained page, samples as slider viewers
     curves.png         per-task plain L1 over training, one line per run (comparable whatever the loss)
     uncertainty.png    per-task mean predicted uncertainty over training (runs with an uncertainty head)
     psnr.png           per-task PSNR of the compared runs (final validation)
@@ -235,8 +236,9 @@ def _md_table(metrics: dict, tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder: PathLike, *, samples: bool = True, title: Optional[str] = None) -> Path:
-    """Write ``report.md`` and its plots into ``folder``; returns the report's path."""
+def write_report(folder: PathLike, *, samples: bool = True, title: Optional[str] = None, html: bool = False) -> Path:
+    """Write ``report.md`` and its plots into ``folder``; returns the report's path. ``html``: also write
+    ``report.html`` (:mod:`tur_ext.report_html`: the same tables and plots, the samples as slider viewers)."""
     import yaml
 
     from .train.logs import read_csv
@@ -283,4 +285,9 @@ def write_report(folder: PathLike, *, samples: bool = True, title: Optional[str]
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, out)
+    if html:
+        from .report_html import write_html_report
+
+        write_html_report(folder, runs, "\n".join(lines), title=title or "Training report: " + folder.name,
+                          samples=samples)
     return out
