@@ -21,6 +21,10 @@ $(VENV)/.installed: setup.py pyproject.toml $(CSRC)
 	$(PYTHON) -m pip install -q $(DEPS)
 	# --no-build-isolation: compile against the torch installed above instead of downloading another one.
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	# Chromium for the browser tests of report.html (they skip without it); installed when root, as CI is.
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
+	  || echo "setup: chromium not installed; the browser tests of report.html will skip"; fi
 	touch $@
 
 test: setup
