@@ -49,6 +49,39 @@ TUR_HD int64_t group_by_task(const int64_t* ids, int64_t B, int64_t K, int64_t* 
   return invalid;
 }
 
+// Groups the batch by the tasks present, compactly (the CUDA kernels size their scratch by this, not by K):
+// counts[k] for every k < K; tasks[0..present) the present task ids, ascending; offsets[p..p+1) the range of
+// task tasks[p]'s samples in order[] (stable by index), and order[offsets[present] .. B) the samples whose id is
+// outside [0, K), which belong to no task. tasks and offsets need min(K, B) (+ 1) entries. Returns the number
+// of those out-of-range ids; *present gets the number of tasks present. O(K + B^2): one CUDA thread runs it.
+TUR_HD int64_t group_present_tasks(const int64_t* ids, int64_t B, int64_t K, int64_t* counts, int64_t* tasks,
+                                   int64_t* offsets, int64_t* order, int64_t* present) {
+  for (int64_t k = 0; k < K; ++k) counts[k] = 0;
+  int64_t m = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t id = ids[i];
+    if (id < 0 || id >= K) continue;
+    if (counts[id]++ > 0) continue;
+    int64_t p = m++;  // insertion into the ascending list of tasks seen so far
+    for (; p > 0 && tasks[p - 1] > id; --p) tasks[p] = tasks[p - 1];
+    tasks[p] = id;
+  }
+  int64_t pos = 0;
+  for (int64_t p = 0; p < m; ++p) {
+    offsets[p] = pos;
+    for (int64_t i = 0; i < B; ++i) {
+      if (ids[i] == tasks[p]) order[pos++] = i;
+    }
+  }
+  offsets[m] = pos;
+  const int64_t valid = pos;
+  for (int64_t i = 0; i < B; ++i) {
+    if (ids[i] < 0 || ids[i] >= K) order[pos++] = i;
+  }
+  *present = m;
+  return B - valid;
+}
+
 TUR_HD int64_t count_present(const int64_t* counts, int64_t K) {
   int64_t m = 0;
   for (int64_t k = 0; k < K; ++k) m += counts[k] > 0 ? 1 : 0;
