@@ -88,30 +88,19 @@ TUR_HD int64_t count_present(const int64_t* counts, int64_t K) {
   return m;
 }
 
-// usum_k is sum over positions of U_k (eps included). The gradients come out multiplied by scale_pred and
-// scale_unc (powers of two, 1 except for float16; see fp16_grad_scale).
+// usum_k is sum over positions of U_k (eps included).
 template <typename acc_t>
 TUR_HD TaskCoeffs<acc_t> task_coeffs(int64_t n_k, int64_t present, int64_t G, int64_t Q, double usum_k,
-                                     double reg_weight, double scale_pred, double scale_unc) {
+                                     double reg_weight) {
   const double n = static_cast<double>(n_k);
   const double m = static_cast<double>(present);
   const double gq = static_cast<double>(G) * static_cast<double>(Q);
   const double mean_u = usum_k / static_cast<double>(Q);
   TaskCoeffs<acc_t> c;
-  c.grad_pred_scale = static_cast<acc_t>(scale_pred / (m * n * gq));
-  c.grad_u_err = static_cast<acc_t>(-scale_unc / (m * n * n * gq));
-  c.grad_u_reg = static_cast<acc_t>(scale_unc * reg_weight / (m * n * static_cast<double>(Q) * mean_u));
+  c.grad_pred_scale = static_cast<acc_t>(1.0 / (m * n * gq));
+  c.grad_u_err = static_cast<acc_t>(-1.0 / (m * n * n * gq));
+  c.grad_u_reg = static_cast<acc_t>(reg_weight / (m * n * static_cast<double>(Q) * mean_u));
   return c;
-}
-
-// float16 gradients of a loss averaged over `elements` values are of the order 1/elements, deep in float16's
-// subnormal range (below 6.1e-5) for any image: stored as they are they would keep 1-3 significant bits. The
-// op stores them multiplied by the largest power of two <= elements instead, and the autograd formula divides
-// it back out together with grad_output (tur_ext/ops.py computes the same number). Other dtypes use 1.
-TUR_HD double fp16_grad_scale(int64_t elements) {
-  double s = 1.0;
-  while (s * 2.0 <= static_cast<double>(elements)) s *= 2.0;
-  return s;
 }
 
 template <typename acc_t>

@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tur_ext
 from tur_ext import ops, reference
-from tur_ext.ops import fp16_grad_scale
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -239,7 +238,8 @@ def test_grad_output_scaling(scale, device):
 
 
 def test_fp16_gradients_are_not_subnormal(device):
-    """Gradients of order 1/(C*P) must keep float16 precision (see fp16_grad_scale)."""
+    """Gradients of order 1/(C*P) must keep float16 precision (the op keeps them in float32, see grad_dtype in
+    csrc/tur_loss.h, and autograd rounds grad * grad_output to float16 once)."""
     pred, target, unc, ids = make_inputs((4, 3, 64, 64), 3, [0, 1, 0, 1], dtype=torch.float16, device=device)
     out, gp, _, gu = fused(pred, target, unc, ids, 2)
     _, rgp, _, rgu = reference64(pred, target, unc, ids.cpu(), 2)
@@ -248,7 +248,33 @@ def test_fp16_gradients_are_not_subnormal(device):
     tur_ext.task_uncertainty_loss(p, target, unc, ids, 2).loss.backward(torch.tensor(scale, device=device))
     rel = ((p.grad.double().cpu() - rgp * scale).abs() / (rgp * scale).abs().clamp(min=1e-30)).max()
     assert rel < 2e-3, rel
-    assert fp16_grad_scale(3 * 64 * 64) == 8192.0 and fp16_grad_scale(1) == 1.0 and fp16_grad_scale(8192) == 8192.0
+    assert p.grad.dtype == torch.float16
+
+
+@pytest.mark.skipif(ops.backend() != "compiled", reason="needs the compiled op")
+@pytest.mark.parametrize("cu", [1, 3])
+def test_fp16_gradients_at_small_uncertainty_stay_finite(cu, device):
+    """Issue 12 (3): uncertainties near 1e-3 give uncertainty gradients in the hundreds, which fit in float16
+    but overflowed when stored times a power of two near Cu*P (512 or 1024 here). Every gradient element is
+    finite and within tolerance of the float64 reference, with and without an AMP-style grad_output."""
+    g = torch.Generator().manual_seed(7)
+    pred, target, _, ids = make_inputs((4, 3, 16, 32), cu, [0, 1, 0, 1], dtype=torch.float16, device=device)
+    unc = (torch.rand((4, cu, 16, 32), generator=g, dtype=torch.float64) * 1e-3 + 5e-4).half().to(device)
+    _, rgp, _, rgu = reference64(pred, target, unc, ids, 2)
+    old_scale = 2 ** ((cu * 512).bit_length() - 1)  # the power of two float16 gradients used to be stored times
+    assert rgu.abs().max() * old_scale > 65504 > rgu.abs().max()
+    # An AMP-style grad_output too, the largest power of two that keeps the products representable.
+    amp = 2.0 ** math.floor(math.log2(32768 / rgu.abs().max().item()))
+    assert amp >= 2
+    for grad_out in (1.0, amp):
+        p, u = pred.clone().requires_grad_(), unc.clone().requires_grad_()
+        tur_ext.task_uncertainty_loss(p, target, u, ids, 2).loss.backward(torch.tensor(grad_out, device=device))
+        for got, want in ((p.grad, rgp * grad_out), (u.grad, rgu * grad_out)):
+            assert got.dtype == torch.float16 and torch.isfinite(got).all()
+            err = (got.double().cpu() - want).abs().max().item()
+            assert err <= TOL[torch.float16][1] * want.abs().max().item(), (err, want.abs().max().item())
+    raw = torch.ops.tur.task_uncertainty_loss(pred, target, unc, ids, 2, 1e-6, 2.0, True)
+    assert raw[6].dtype == raw[7].dtype == torch.float32  # what the op hands autograd for float16 inputs
 
 
 def test_target_gradient_is_negated_pred_gradient(device):

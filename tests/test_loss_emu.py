@@ -18,7 +18,6 @@ import torch
 
 from tur_ext import reference
 from tur_ext.loss_common import TURLossOutput, check_finite
-from tur_ext.ops import fp16_grad_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import cached_build  # noqa: E402
@@ -44,7 +43,7 @@ def load(path: os.PathLike) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     P, I64, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     lib.emu_loss.restype = ctypes.c_char_p
-    lib.emu_loss.argtypes = [ctypes.c_int, P, P, P, P, I64, I64, I64, I64, D, D, D, D, P, P, P, P, P, P, P, P,
+    lib.emu_loss.argtypes = [ctypes.c_int, P, P, P, P, I64, I64, I64, I64, D, D, P, P, P, P, P, P, P, P,
                              ctypes.c_int, ctypes.c_uint, ctypes.POINTER(I64)]
     lib.emu_workspace_bytes.restype = I64
     lib.emu_workspace_bytes.argtypes = [ctypes.c_int, I64, I64, I64, I64, ctypes.c_int]
@@ -76,20 +75,18 @@ def run_emu(lib, pred, target, unc, ids, K, *, eps=1e-6, reg=2.0, grad=True, see
     """One launch_loss on the emulated device into sentinel-filled outputs; raises with the launcher's message."""
     kp, kt, ku, G = kernel_layout(pred, target, unc)
     per_sample = pred[0].numel()
-    half = pred.dtype == torch.float16
-    sp = fp16_grad_scale(per_sample) if half else 1.0
-    su = fp16_grad_scale(unc[0].numel()) if half else 1.0
+    gdt = torch.float32 if pred.dtype == torch.float16 else pred.dtype  # grad_dtype (csrc/tur_loss.h)
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
     loss = torch.full((), SENTINEL, dtype=acc)
     stats = [torch.full((K,), SENTINEL, dtype=acc) for _ in range(4)]
     counts = torch.full((K,), -7, dtype=torch.int64)
-    gp = torch.full_like(kp, SENTINEL) if grad else None
-    gu = torch.full_like(ku, SENTINEL) if grad else None
+    gp = torch.full_like(kp, SENTINEL, dtype=gdt) if grad else None
+    gu = torch.full_like(ku, SENTINEL, dtype=gdt) if grad else None
     ids64 = ids.to(torch.int64).contiguous()
     ws = ctypes.c_int64()
     ptr = lambda t: None if t is None else t.data_ptr()
     err = lib.emu_loss(DTYPE_CODE[pred.dtype], ptr(kp), ptr(kt), ptr(ku), ptr(ids64), pred.shape[0], G,
-                       per_sample // G, K, eps, reg, sp, su, ptr(gp), ptr(gu), ptr(loss), *map(ptr, stats),
+                       per_sample // G, K, eps, reg, ptr(gp), ptr(gu), ptr(loss), *map(ptr, stats),
                        ptr(counts), sms, seed, ctypes.byref(ws))
     if err is not None:
         raise RuntimeError(err.decode())
@@ -98,7 +95,6 @@ def run_emu(lib, pred, target, unc, ids, K, *, eps=1e-6, reg=2.0, grad=True, see
     if grad:
         out["grad_pred"] = gp.reshape(pred.shape) if gp.shape != pred.shape else gp
         out["grad_unc"] = gu.reshape(unc.shape) if gu.shape != unc.shape else gu
-        out["scales"] = (sp, su)
     return out
 
 
@@ -136,10 +132,9 @@ def check_case(lib, pred, target, unc, ids, K, *, eps=1e-6, reg=2.0, seeds=(1, 2
     for name in STATS:
         got, want = e[name].double(), getattr(ref, name)
         assert torch.allclose(got, want, rtol=rtol, atol=rtol), (name, got, want)
-    sp, su = e["scales"]
-    for got, want, scale in ((e["grad_pred"], rgp, sp), (e["grad_unc"], rgu, su)):
-        assert got.dtype == pred.dtype and got.shape == want.shape
-        err = (got.double() / scale - want).abs().max().item()
+    for got, want in ((e["grad_pred"], rgp), (e["grad_unc"], rgu)):
+        assert got.dtype == (torch.float32 if pred.dtype == torch.float16 else pred.dtype) and got.shape == want.shape
+        err = (got.double() - want).abs().max().item()
         assert err <= gtol * want.abs().max().item(), (err, want.abs().max().item())
     if no_grad:
         n = run_emu(lib, pred, target, unc, ids, K, eps=eps, reg=reg, grad=False, seed=seeds[-1] + 1)
@@ -217,6 +212,42 @@ def test_out_of_range_ids_give_nan_loss_and_defined_gradients(lib):
     with pytest.raises(FloatingPointError, match=r"no task id in \[0, 3\)"):
         check_finite(TURLossOutput(e["loss"], *(e[s] for s in STATS), e["counts"]), batch_size=5)
     assert torch.isnan(e["grad_pred"]).all() and torch.isnan(e["grad_unc"]).all()
+
+
+@pytest.mark.parametrize("cu", [1, 3])
+def test_fp16_gradients_at_small_uncertainty_stay_finite(lib, cu):
+    """Issue 12 (3), on the CUDA kernels: uncertainties near 1e-3, uncertainty gradients in the hundreds (which
+    overflowed when stored in float16 times 512 or 1024); stored in float32 now, finite and within tolerance."""
+    g = torch.Generator().manual_seed(7)
+    pred, target, _, ids = make_inputs((4, 3, 16, 32), cu, [0, 1, 0, 1], dtype=torch.float16)
+    unc = (torch.rand((4, cu, 16, 32), generator=g, dtype=torch.float64) * 1e-3 + 5e-4).half()
+    e = run_emu(lib, pred, target, unc, ids, 2)
+    _, rgp, rgu = reference64(pred, target, unc, ids, 2, 1e-6, 2.0)
+    old_scale = 2 ** ((cu * 512).bit_length() - 1)  # the power of two float16 gradients used to be stored times
+    assert rgu.abs().max() * old_scale > 65504 > rgu.abs().max()
+    for got, want in ((e["grad_pred"], rgp), (e["grad_unc"], rgu)):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert (got.double() - want).abs().max() <= TOL[torch.float16][1] * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_comparison_helpers_on_cuda_kernel_results(lib, dtype):
+    """test_loss's compare_with_reference (what its CUDA cases call on a GPU) run on results of the CUDA kernels:
+    it passes them, and it fails them once one gradient element is off by 10%."""
+    from test_loss import compare_with_reference
+
+    shape, cu, ids, K = CASES["absent_tasks"]
+    pred, target, unc, ids_t = make_inputs(shape, cu, ids, dtype=dtype, seed=1)
+    e = run_emu(lib, pred, target, unc, ids_t, K)
+    out = TURLossOutput(e["loss"], *(e[s] for s in STATS), e["counts"])
+    gp, gu = (e[n].to(dtype) for n in ("grad_pred", "grad_unc"))  # what autograd hands back (grad_output 1)
+    compare_with_reference(out, (gp, -gp, gu), pred, target, unc, ids_t, K)
+    broken = gu.clone()
+    flat = broken.view(-1)
+    i = int(flat.abs().argmax())
+    flat[i] = flat[i] * 1.1
+    with pytest.raises(AssertionError):
+        compare_with_reference(out, (gp, -gp, broken), pred, target, unc, ids_t, K)
 
 
 def test_each_launch_checked_and_stale_errors_not_reported(lib):

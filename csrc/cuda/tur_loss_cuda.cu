@@ -35,8 +35,6 @@ __device__ __forceinline__ scalar_t from_acc(float x);
 template <>
 __device__ __forceinline__ float from_acc<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t from_acc(double x) { return x; }
@@ -147,23 +145,24 @@ __global__ void __launch_bounds__(kThreads) task_unc_kernel(const scalar_t* __re
 
 template <typename acc_t>
 __global__ void coeffs_kernel(const int64_t* counts, Workspace w, int blocks, int64_t G, int64_t Q,
-                              double reg_weight, double scale_pred, double scale_unc) {
+                              double reg_weight) {
   TaskCoeffs<acc_t>* coeffs = static_cast<TaskCoeffs<acc_t>*>(w.coeffs);
   const int64_t present = w.meta[1];
   for (int64_t p = threadIdx.x; p < present; p += blockDim.x) {
     double s = 0.0;
     for (int b = 0; b < blocks; ++b) s += w.usum_part[b * w.slots + p];
     w.usum[p] = s;
-    coeffs[p] = task_coeffs<acc_t>(counts[w.tasks[p]], present, G, Q, s, reg_weight, scale_pred, scale_unc);
+    coeffs[p] = task_coeffs<acc_t>(counts[w.tasks[p]], present, G, Q, s, reg_weight);
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// grad_t: the input type, float for __half (see grad_dtype in tur_loss.h).
+template <typename scalar_t, typename acc_t, typename grad_t>
 __global__ void __launch_bounds__(kThreads) error_grad_kernel(const scalar_t* __restrict__ pred,
                                                               const scalar_t* __restrict__ target, Workspace w,
                                                               int64_t B, int64_t G, int64_t Q,
-                                                              scalar_t* __restrict__ grad_pred,
-                                                              scalar_t* __restrict__ grad_unc) {
+                                                              grad_t* __restrict__ grad_pred,
+                                                              grad_t* __restrict__ grad_unc) {
   __shared__ double smem[kThreads / 32];
   const acc_t* U = static_cast<const acc_t*>(w.task_unc);
   const TaskCoeffs<acc_t>* coeffs = static_cast<const TaskCoeffs<acc_t>*>(w.coeffs);
@@ -184,13 +183,13 @@ __global__ void __launch_bounds__(kThreads) error_grad_kernel(const scalar_t* __
           const int64_t idx = base + g * Q;
           const acc_t d = to_acc(pred[idx]) - to_acc(target[idx]);
           e += d < acc_t(0) ? -d : d;
-          if (grad_pred) grad_pred[idx] = from_acc<scalar_t>(sign_of(d) * r);
+          if (grad_pred) grad_pred[idx] = from_acc<grad_t>(sign_of(d) * r);
         }
       }
       ws += static_cast<double>(e / u);
       es += static_cast<double>(e);
       if (grad_unc) {
-        const scalar_t v = from_acc<scalar_t>(c.grad_u_err * e / (u * u) + c.grad_u_reg);
+        const grad_t v = from_acc<grad_t>(c.grad_u_err * e / (u * u) + c.grad_u_reg);
         for (int64_t j = j0; j < j1; ++j) grad_unc[w.order[j] * Q + q] = v;
       }
     }
@@ -204,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) error_grad_kernel(const scalar_t* __
   // Samples whose id is out of range belong to no task: their gradient rows are NaN (the loss is NaN too), so
   // that no element keeps what the allocator left there when the caller skips the finiteness check.
   if (grad_pred) {
-    const scalar_t nan_v = from_acc<scalar_t>(static_cast<acc_t>(nan("")));
+    const grad_t nan_v = from_acc<grad_t>(static_cast<acc_t>(nan("")));
     for (int64_t j = w.offsets[present]; j < B; ++j) {
       for (int64_t q = q_first; q < Q; q += stride) {
         for (int64_t g = 0; g < G; ++g) grad_pred[(w.order[j] * G + g) * Q + q] = nan_v;
@@ -252,7 +251,7 @@ const char* launch_error(const char* kernel) {
   return msg;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename grad_t = scalar_t>
 const char* launch_typed(const LossLaunch& a, cudaStream_t stream) {
   // An error left pending by an earlier runtime call (ours or the caller's) is not this launch's to report.
   (void)cudaGetLastError();
@@ -262,18 +261,18 @@ const char* launch_typed(const LossLaunch& a, cudaStream_t stream) {
   const auto* pred = static_cast<const scalar_t*>(a.pred);
   const auto* target = static_cast<const scalar_t*>(a.target);
   const auto* unc = static_cast<const scalar_t*>(a.uncertainty);
-  auto* gp = static_cast<scalar_t*>(a.grad_pred);
-  auto* gu = static_cast<scalar_t*>(a.grad_uncertainty);
+  auto* gp = static_cast<grad_t*>(a.grad_pred);
+  auto* gu = static_cast<grad_t*>(a.grad_uncertainty);
   const char* err = nullptr;
   group_kernel<<<1, 1, 0, stream>>>(a.task_ids, a.B, a.K, a.counts, w);
   if ((err = launch_error("group_kernel"))) return err;
   task_unc_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(unc, a.counts, w, a.Q,
                                                                     static_cast<acc_t>(a.eps));
   if ((err = launch_error("task_unc_kernel"))) return err;
-  coeffs_kernel<acc_t><<<1, 32, 0, stream>>>(a.counts, w, blocks, a.G, a.Q, a.reg_weight, a.grad_scale_pred,
-                                             a.grad_scale_unc);
+  coeffs_kernel<acc_t><<<1, 32, 0, stream>>>(a.counts, w, blocks, a.G, a.Q, a.reg_weight);
   if ((err = launch_error("coeffs_kernel"))) return err;
-  error_grad_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(pred, target, w, a.B, a.G, a.Q, gp, gu);
+  error_grad_kernel<scalar_t, acc_t, grad_t><<<blocks, kThreads, 0, stream>>>(pred, target, w, a.B, a.G, a.Q, gp,
+                                                                              gu);
   if ((err = launch_error("error_grad_kernel"))) return err;
   finalize_kernel<acc_t><<<1, 32, 0, stream>>>(
       a.counts, w, blocks, a.G, a.Q, a.K, a.reg_weight, static_cast<acc_t*>(a.loss),
@@ -294,7 +293,7 @@ const char* launch_loss(const LossLaunch& args, void* stream) {
     case DType::kFloat64:
       return launch_typed<double, double>(args, s);
     case DType::kFloat16:
-      return launch_typed<__half, float>(args, s);
+      return launch_typed<__half, float, float>(args, s);
     case DType::kBFloat16:
       return launch_typed<__nv_bfloat16, float>(args, s);
   }
