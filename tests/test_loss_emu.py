@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch.utils._pytree import tree_flatten, tree_map
+
 from tur_ext import reference
 from tur_ext.loss_common import TURLossOutput, check_finite
 
@@ -230,24 +232,50 @@ def test_fp16_gradients_at_small_uncertainty_stay_finite(lib, cu):
         assert (got.double() - want).abs().max() <= TOL[torch.float16][1] * want.abs().max()
 
 
+class OtherDevice(torch.Tensor):
+    """A CPU tensor standing for one on another device (there is no GPU here): an op that mixes it with a plain
+    tensor of one or more dims raises, as PyTorch does for CUDA and CPU tensors; ``.cpu()`` gives the plain
+    tensor. Lets the comparison helpers be run on results "from the device" without one."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor)
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        on_other = any(isinstance(x, OtherDevice) for x in tensors)
+        if on_other and any(not isinstance(x, OtherDevice) and x.dim() > 0 for x in tensors):
+            raise RuntimeError("Expected all tensors to be on the same device (OtherDevice and cpu)")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if not on_other:
+            return out
+        return tree_map(lambda x: x.as_subclass(OtherDevice) if type(x) is torch.Tensor else x, out)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_comparison_helpers_on_cuda_kernel_results(lib, dtype):
-    """test_loss's compare_with_reference (what its CUDA cases call on a GPU) run on results of the CUDA kernels:
-    it passes them, and it fails them once one gradient element is off by 10%."""
+    """Issue 19 (1): test_loss's compare_with_reference (what its CUDA cases call on a GPU) on results of the CUDA
+    kernels, inputs and outputs on a stand-in device: it compares them on the CPU in float64 and passes them, and
+    it fails them once one gradient element is off by 10%."""
     from test_loss import compare_with_reference
 
+    other = lambda t: t.as_subclass(OtherDevice)
+    with pytest.raises(RuntimeError, match="same device"):  # the stand-in refuses what a GPU would refuse
+        torch.allclose(other(torch.ones(2)), torch.ones(2))
     shape, cu, ids, K = CASES["absent_tasks"]
     pred, target, unc, ids_t = make_inputs(shape, cu, ids, dtype=dtype, seed=1)
     e = run_emu(lib, pred, target, unc, ids_t, K)
-    out = TURLossOutput(e["loss"], *(e[s] for s in STATS), e["counts"])
-    gp, gu = (e[n].to(dtype) for n in ("grad_pred", "grad_unc"))  # what autograd hands back (grad_output 1)
-    compare_with_reference(out, (gp, -gp, gu), pred, target, unc, ids_t, K)
-    broken = gu.clone()
+    out = TURLossOutput(*(other(e[n]) for n in ("loss", *STATS, "counts")))
+    gp, gu = (other(e[n].to(dtype)) for n in ("grad_pred", "grad_unc"))  # what autograd hands back (grad_output 1)
+    inputs = [other(t) for t in (pred, target, unc, ids_t)]
+    compare_with_reference(out, (gp, -gp, gu), *inputs, K)
+    broken = e["grad_unc"].to(dtype)
     flat = broken.view(-1)
     i = int(flat.abs().argmax())
     flat[i] = flat[i] * 1.1
     with pytest.raises(AssertionError):
-        compare_with_reference(out, (gp, -gp, broken), pred, target, unc, ids_t, K)
+        compare_with_reference(out, (gp, -gp, other(broken)), *inputs, K)
 
 
 def test_each_launch_checked_and_stale_errors_not_reported(lib):
