@@ -422,6 +422,11 @@ def opcheck_samples(device):
                     need_grad,
                 )
                 samples.append(args)
+    # float16: the op returns float32 gradients (grad_dtype in csrc/tur_loss.h), which the fake kernel must say.
+    pred, target, unc, ids_t = make_inputs(CASES["cu1"][0], 1, CASES["cu1"][2], dtype=torch.float16, device=device)
+    for need_grad in (True, False):
+        samples.append((pred.clone().requires_grad_(need_grad), target, unc.clone().requires_grad_(need_grad), ids_t,
+                        CASES["cu1"][3], 1e-6, 2.0, need_grad))
     return samples
 
 
