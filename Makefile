@@ -11,7 +11,7 @@ CSRC := $(shell find csrc -type f)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: setup test bench cuda-check demo cpp-test runner study clean transweather-export-check
+.PHONY: setup test bench cuda-check cuda-emu demo cpp-test runner study clean transweather-export-check
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,12 @@ cuda-check: setup
 	  $(CXX) -std=c++20 -O1 -Wall -Wextra -Werror -fPIC -DTUR_WITH_CUDA=1 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    -Icsrc $$torch_inc -isystem $$top/include -idirafter .ci/cuda_stub_include \
 	    -c $$f -o build/cuda-check/$$(basename $$f .cpp).o; done
+
+# The CUDA kernels run on the CPU: every tests/test_*_emu.py builds the csrc/cuda/*.cu it drives against the emulator
+# of tests/cuda_emu/ (cached in build/cuda_emu/ by a hash of its sources, so only a changed source is rebuilt) and
+# compares it with the float64 reference; their slow mutation checks included.
+cuda-emu: setup
+	$(PYTHON) -m pytest -q $(wildcard tests/test_*_emu.py)
 
 # The runner is optional for the demo: without OpenCV's headers it falls back to `tur restore` and says so.
 demo: setup

@@ -27,6 +27,8 @@ at::ScalarType accumulate_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::ScalarType grad_dtype(at::ScalarType input) { return input == at::kHalf ? at::kFloat : input; }
+
 LossProblem make_problem(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& uncertainty,
                          const at::Tensor& task_ids, int64_t num_tasks, double eps, double reg_weight) {
   TORCH_CHECK_TYPE(is_supported_float(pred.scalar_type()),
@@ -86,10 +88,6 @@ LossProblem make_problem(const at::Tensor& pred, const at::Tensor& target, const
     p.G = C / Cu;
     p.Q = per_sample / p.G;
   }
-  if (pred.scalar_type() == at::kHalf) {
-    p.grad_scale_pred = fp16_grad_scale(per_sample);
-    p.grad_scale_unc = fp16_grad_scale(uncertainty.numel() / B);
-  }
   return p;
 }
 
@@ -109,12 +107,14 @@ LossBuffers make_buffers(const LossProblem& problem, const at::Tensor& pred, con
     return b;
   }
   // Returned gradients follow the inputs' memory format (what empty_like gives, so fake tensors agree).
-  b.grad_pred = at::empty_like(pred);
-  b.grad_uncertainty = at::empty_like(uncertainty);
-  b.grad_pred_work = b.grad_pred.strides() == problem.pred.strides() ? b.grad_pred : at::empty_like(problem.pred);
+  const auto grad_options = pred.options().dtype(grad_dtype(pred.scalar_type()));
+  b.grad_pred = at::empty_like(pred, grad_options);
+  b.grad_uncertainty = at::empty_like(uncertainty, grad_options);
+  b.grad_pred_work = b.grad_pred.strides() == problem.pred.strides() ? b.grad_pred
+                                                                     : at::empty_like(problem.pred, grad_options);
   b.grad_uncertainty_work = b.grad_uncertainty.strides() == problem.uncertainty.strides()
                                 ? b.grad_uncertainty
-                                : at::empty_like(problem.uncertainty);
+                                : at::empty_like(problem.uncertainty, grad_options);
   return b;
 }
 

@@ -19,9 +19,6 @@ struct LossProblem {
   at::Tensor pred, target, uncertainty, task_ids;  // in kernel layout; task_ids int64
   int64_t B = 0, G = 0, Q = 0, K = 0;
   double eps = 0.0, reg_weight = 0.0;
-  // What the stored gradients are multiplied by: 1, or for float16 fp16_grad_scale(C*P) and
-  // fp16_grad_scale(Cu*P) (see tur_loss_math.h).
-  double grad_scale_pred = 1.0, grad_scale_unc = 1.0;
 };
 
 struct LossBuffers {
@@ -44,5 +41,11 @@ LossResult finish(LossBuffers& buffers);
 
 // The dtype of the loss and per-task statistics: float64 for float64 inputs, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType input);
+
+// The dtype the op returns gradients in: the input's, except float32 for float16. Gradients of a per-pixel mean
+// are of order 1/(C*P), deep in float16's subnormal range, while small uncertainties (1e-3) make them large, so
+// no single power-of-two scale keeps every float16 value both normal and finite; in float32 both fit, and the
+// autograd formula rounds grad * grad_output to float16 once (tur_ext/ops).
+at::ScalarType grad_dtype(at::ScalarType input);
 
 }  // namespace tur

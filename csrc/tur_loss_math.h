@@ -49,36 +49,58 @@ TUR_HD int64_t group_by_task(const int64_t* ids, int64_t B, int64_t K, int64_t* 
   return invalid;
 }
 
+// Groups the batch by the tasks present, compactly (the CUDA kernels size their scratch by this, not by K):
+// counts[k] for every k < K; tasks[0..present) the present task ids, ascending; offsets[p..p+1) the range of
+// task tasks[p]'s samples in order[] (stable by index), and order[offsets[present] .. B) the samples whose id is
+// outside [0, K), which belong to no task. tasks and offsets need min(K, B) (+ 1) entries. Returns the number
+// of those out-of-range ids; *present gets the number of tasks present. O(K + B^2): one CUDA thread runs it.
+TUR_HD int64_t group_present_tasks(const int64_t* ids, int64_t B, int64_t K, int64_t* counts, int64_t* tasks,
+                                   int64_t* offsets, int64_t* order, int64_t* present) {
+  for (int64_t k = 0; k < K; ++k) counts[k] = 0;
+  int64_t m = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t id = ids[i];
+    if (id < 0 || id >= K) continue;
+    if (counts[id]++ > 0) continue;
+    int64_t p = m++;  // insertion into the ascending list of tasks seen so far
+    for (; p > 0 && tasks[p - 1] > id; --p) tasks[p] = tasks[p - 1];
+    tasks[p] = id;
+  }
+  int64_t pos = 0;
+  for (int64_t p = 0; p < m; ++p) {
+    offsets[p] = pos;
+    for (int64_t i = 0; i < B; ++i) {
+      if (ids[i] == tasks[p]) order[pos++] = i;
+    }
+  }
+  offsets[m] = pos;
+  const int64_t valid = pos;
+  for (int64_t i = 0; i < B; ++i) {
+    if (ids[i] < 0 || ids[i] >= K) order[pos++] = i;
+  }
+  *present = m;
+  return B - valid;
+}
+
 TUR_HD int64_t count_present(const int64_t* counts, int64_t K) {
   int64_t m = 0;
   for (int64_t k = 0; k < K; ++k) m += counts[k] > 0 ? 1 : 0;
   return m;
 }
 
-// usum_k is sum over positions of U_k (eps included). The gradients come out multiplied by scale_pred and
-// scale_unc (powers of two, 1 except for float16; see fp16_grad_scale).
+// usum_k is sum over positions of U_k (eps included).
 template <typename acc_t>
 TUR_HD TaskCoeffs<acc_t> task_coeffs(int64_t n_k, int64_t present, int64_t G, int64_t Q, double usum_k,
-                                     double reg_weight, double scale_pred, double scale_unc) {
+                                     double reg_weight) {
   const double n = static_cast<double>(n_k);
   const double m = static_cast<double>(present);
   const double gq = static_cast<double>(G) * static_cast<double>(Q);
   const double mean_u = usum_k / static_cast<double>(Q);
   TaskCoeffs<acc_t> c;
-  c.grad_pred_scale = static_cast<acc_t>(scale_pred / (m * n * gq));
-  c.grad_u_err = static_cast<acc_t>(-scale_unc / (m * n * n * gq));
-  c.grad_u_reg = static_cast<acc_t>(scale_unc * reg_weight / (m * n * static_cast<double>(Q) * mean_u));
+  c.grad_pred_scale = static_cast<acc_t>(1.0 / (m * n * gq));
+  c.grad_u_err = static_cast<acc_t>(-1.0 / (m * n * n * gq));
+  c.grad_u_reg = static_cast<acc_t>(reg_weight / (m * n * static_cast<double>(Q) * mean_u));
   return c;
-}
-
-// float16 gradients of a loss averaged over `elements` values are of the order 1/elements, deep in float16's
-// subnormal range (below 6.1e-5) for any image: stored as they are they would keep 1-3 significant bits. The
-// op stores them multiplied by the largest power of two <= elements instead, and the autograd formula divides
-// it back out together with grad_output (tur_ext/ops.py computes the same number). Other dtypes use 1.
-TUR_HD double fp16_grad_scale(int64_t elements) {
-  double s = 1.0;
-  while (s * 2.0 <= static_cast<double>(elements)) s *= 2.0;
-  return s;
 }
 
 template <typename acc_t>

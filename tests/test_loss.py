@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tur_ext
 from tur_ext import ops, reference
-from tur_ext.ops import fp16_grad_scale
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -49,8 +48,10 @@ def naive_loss(pred, target, unc, ids, K, eps=1e-6, lam=2.0):
 
 
 def reference64(pred, target, unc, ids, K, **kw):
-    """Float64 reference result and gradients (for pred, target, uncertainty)."""
-    p, t, u = (x.detach().double().requires_grad_() for x in (pred, target, unc))
+    """Float64 reference result and gradients (for pred, target, uncertainty), computed on the CPU whatever the
+    inputs' device, so that results from any device compare with it (PyTorch refuses mixed-device ops)."""
+    p, t, u = (x.detach().cpu().double().requires_grad_() for x in (pred, target, unc))
+    ids = ids.cpu() if isinstance(ids, torch.Tensor) else ids
     out = reference.task_uncertainty_loss(p, t, u, ids, K, **kw)
     out.loss.backward()
     return out, p.grad, t.grad, u.grad
@@ -73,23 +74,30 @@ TOL = {  # (rtol for values, atol relative to the largest gradient)
 }
 
 
-def assert_matches_reference(pred, target, unc, ids, K, **kw):
+def compare_with_reference(out, grads, pred, target, unc, ids, K, **kw):
+    """Asserts that a result (a TURLossOutput and the gradients for pred, target, uncertainty, on any device)
+    matches the float64 reference within TOL; every comparison is made on the CPU in float64."""
     dtype = pred.dtype
     rtol, gtol = TOL[dtype]
-    out, gp, gt, gu = fused(pred, target, unc, ids, K, grad_target=True, **kw)
-    ref, rgp, rgt, rgu = reference64(pred, target, unc, ids.cpu(), K, **kw)
+    ref, *ref_grads = reference64(pred, target, unc, ids, K, **kw)
+    cpu64 = lambda t: t.detach().cpu().double()
     assert out.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert torch.allclose(out.loss.double().cpu(), ref.loss.detach(), rtol=rtol, atol=rtol)
+    assert torch.allclose(cpu64(out.loss), ref.loss.detach(), rtol=rtol, atol=rtol)
     for name in ("per_task_loss", "per_task_l1", "per_task_weighted_l1", "per_task_reg"):
-        got, want = getattr(out, name).double().cpu(), getattr(ref, name)
+        got, want = cpu64(getattr(out, name)), getattr(ref, name)
         assert torch.allclose(got, want, rtol=rtol, atol=rtol), (name, got, want)
         assert not getattr(out, name).requires_grad
     assert torch.equal(out.counts.cpu(), ref.counts)
     assert out.counts.dtype == torch.long
-    for got, want in ((gp, rgp), (gt, rgt), (gu, rgu)):
+    for got, want in zip(grads, ref_grads):
         assert got.dtype == dtype and got.shape == want.shape
-        err = (got.double().cpu() - want).abs().max().item()
+        err = (cpu64(got) - want).abs().max().item()
         assert err <= gtol * want.abs().max().item(), (err, want.abs().max().item())
+
+
+def assert_matches_reference(pred, target, unc, ids, K, **kw):
+    out, gp, gt, gu = fused(pred, target, unc, ids, K, grad_target=True, **kw)
+    compare_with_reference(out, (gp, gt, gu), pred, target, unc, ids, K, **kw)
     return out
 
 
@@ -230,7 +238,8 @@ def test_grad_output_scaling(scale, device):
 
 
 def test_fp16_gradients_are_not_subnormal(device):
-    """Gradients of order 1/(C*P) must keep float16 precision (see fp16_grad_scale)."""
+    """Gradients of order 1/(C*P) must keep float16 precision (the op keeps them in float32, see grad_dtype in
+    csrc/tur_loss.h, and autograd rounds grad * grad_output to float16 once)."""
     pred, target, unc, ids = make_inputs((4, 3, 64, 64), 3, [0, 1, 0, 1], dtype=torch.float16, device=device)
     out, gp, _, gu = fused(pred, target, unc, ids, 2)
     _, rgp, _, rgu = reference64(pred, target, unc, ids.cpu(), 2)
@@ -239,7 +248,33 @@ def test_fp16_gradients_are_not_subnormal(device):
     tur_ext.task_uncertainty_loss(p, target, unc, ids, 2).loss.backward(torch.tensor(scale, device=device))
     rel = ((p.grad.double().cpu() - rgp * scale).abs() / (rgp * scale).abs().clamp(min=1e-30)).max()
     assert rel < 2e-3, rel
-    assert fp16_grad_scale(3 * 64 * 64) == 8192.0 and fp16_grad_scale(1) == 1.0 and fp16_grad_scale(8192) == 8192.0
+    assert p.grad.dtype == torch.float16
+
+
+@pytest.mark.skipif(ops.backend() != "compiled", reason="needs the compiled op")
+@pytest.mark.parametrize("cu", [1, 3])
+def test_fp16_gradients_at_small_uncertainty_stay_finite(cu, device):
+    """Issue 12 (3): uncertainties near 1e-3 give uncertainty gradients in the hundreds, which fit in float16
+    but overflowed when stored times a power of two near Cu*P (512 or 1024 here). Every gradient element is
+    finite and within tolerance of the float64 reference, with and without an AMP-style grad_output."""
+    g = torch.Generator().manual_seed(7)
+    pred, target, _, ids = make_inputs((4, 3, 16, 32), cu, [0, 1, 0, 1], dtype=torch.float16, device=device)
+    unc = (torch.rand((4, cu, 16, 32), generator=g, dtype=torch.float64) * 1e-3 + 5e-4).half().to(device)
+    _, rgp, _, rgu = reference64(pred, target, unc, ids, 2)
+    old_scale = 2 ** ((cu * 512).bit_length() - 1)  # the power of two float16 gradients used to be stored times
+    assert rgu.abs().max() * old_scale > 65504 > rgu.abs().max()
+    # An AMP-style grad_output too, the largest power of two that keeps the products representable.
+    amp = 2.0 ** math.floor(math.log2(32768 / rgu.abs().max().item()))
+    assert amp >= 2
+    for grad_out in (1.0, amp):
+        p, u = pred.clone().requires_grad_(), unc.clone().requires_grad_()
+        tur_ext.task_uncertainty_loss(p, target, u, ids, 2).loss.backward(torch.tensor(grad_out, device=device))
+        for got, want in ((p.grad, rgp * grad_out), (u.grad, rgu * grad_out)):
+            assert got.dtype == torch.float16 and torch.isfinite(got).all()
+            err = (got.double().cpu() - want).abs().max().item()
+            assert err <= TOL[torch.float16][1] * want.abs().max().item(), (err, want.abs().max().item())
+    raw = torch.ops.tur.task_uncertainty_loss(pred, target, unc, ids, 2, 1e-6, 2.0, True)
+    assert raw[6].dtype == raw[7].dtype == torch.float32  # what the op hands autograd for float16 inputs
 
 
 def test_target_gradient_is_negated_pred_gradient(device):
@@ -387,6 +422,11 @@ def opcheck_samples(device):
                     need_grad,
                 )
                 samples.append(args)
+    # float16: the op returns float32 gradients (grad_dtype in csrc/tur_loss.h), which the fake kernel must say.
+    pred, target, unc, ids_t = make_inputs(CASES["cu1"][0], 1, CASES["cu1"][2], dtype=torch.float16, device=device)
+    for need_grad in (True, False):
+        samples.append((pred.clone().requires_grad_(need_grad), target, unc.clone().requires_grad_(need_grad), ids_t,
+                        CASES["cu1"][3], 1e-6, 2.0, need_grad))
     return samples
 
 
@@ -535,3 +575,107 @@ def test_missing_extension_falls_back_or_fails(require, tmp_path):
     else:
         assert res.returncode == 0, res.stderr
         assert res.stdout.split() == ["reference", "1", "True"]
+
+
+# --------------------------------------------------------------------- CUDA: bad inputs, device-side ids
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _on_cuda(x):
+    return x.cuda() if isinstance(x, torch.Tensor) else x
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("fn", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in _bad_cases() if not c[0].startswith("ids_")], ids=lambda c: c[0])
+def test_bad_input_errors_cuda(case, fn):
+    """The same errors as on the CPU for every bad argument that needs no read of device memory."""
+    _, args, kw, exc, word = case
+    with pytest.raises(exc, match=word):
+        fn(*map(_on_cuda, args), **kw)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("case", [c for c in _bad_cases() if c[0].startswith("ids_") and c[0] != "ids_rank"],
+                         ids=lambda c: c[0])
+def test_bad_host_ids_with_cuda_inputs(case):
+    """Ids on the host are range-checked before they move to the device: the CPU's ValueError."""
+    _, (p, t, u, ids, K), kw, exc, word = case
+    with pytest.raises(exc, match=word):
+        tur_ext.task_uncertainty_loss(p.cuda(), t.cuda(), u.cuda(), ids, K, **kw)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_device_ids_out_of_range():
+    """Device ids are range-checked by the kernel: a NaN loss, NaN gradient rows for the bad samples, the valid
+    rows as without them, and a finiteness check that says how many ids were out of range."""
+    pred, target, unc, _ = make_inputs((4, 3, 6, 6), 1, [0, 1, 1, 0], device="cuda")
+    ids = torch.tensor([0, 1, 3, -1], device="cuda")
+    with pytest.raises(FloatingPointError, match=r"2 of 4 task ids outside \[0, 2\)"):
+        tur_ext.task_uncertainty_loss(pred, target, unc, ids, 2)
+    p, u = pred.clone().requires_grad_(), unc.clone().requires_grad_()
+    out = tur_ext.task_uncertainty_loss(p, target, u, ids, 2, check_finite=False)
+    out.loss.backward()
+    assert torch.isnan(out.loss) and out.counts.tolist() == [1, 1]
+    for g in (p.grad, u.grad):
+        assert torch.isnan(g[2:]).all() and torch.isfinite(g[:2]).all()
+    with pytest.raises(FloatingPointError, match=r"no task id in \[0, 2\)"):
+        tur_ext.task_uncertainty_loss(pred, target, unc, torch.tensor([2, 5, -1, 9], device="cuda"), 2)
+
+
+# ------------------------------------------------------------------------ no host sync with check_finite=False
+
+
+class CountScalarReads(TorchDispatchMode):
+    """Counts the ops that copy a value to the host (item(), bool(), tolist(), nonzero's size): each one is a
+    host synchronisation when the tensor lives on a GPU."""
+
+    SYNCING = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(ops.backend() != "compiled", reason="needs the compiled op")
+def test_check_finite_false_reads_nothing_back_cpu():
+    """The README's claim, checked where no GPU is: with check_finite=False the forward (function and module)
+    issues no op that reads a value back, with True exactly the finiteness check does. (CPU backward reads
+    grad_output once to skip a multiply by 1; that branch is CPU-only, see tur_ext/ops.)"""
+    pred, target, unc, ids = make_inputs((4, 3, 8, 8), 1, [0, 1, 0, 1])
+    p = pred.clone().requires_grad_()
+    module = tur_ext.TaskUncertaintyLoss(2, check_finite=False)
+    with CountScalarReads() as mode:
+        tur_ext.task_uncertainty_loss(p, target, unc, ids, 2, check_finite=False)
+        module(p, target, unc, ids)
+    assert mode.reads == []
+    with CountScalarReads() as mode:
+        tur_ext.task_uncertainty_loss(p, target, unc, ids, 2, check_finite=True)
+    assert mode.reads, "the counting mode saw no read even for the check that makes one"
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_check_finite_false_has_no_host_sync_cuda(dtype):
+    """Forward and backward on device tensors (device ids) under torch.cuda.set_sync_debug_mode("error")."""
+    pred, target, unc, ids = make_inputs((4, 3, 16, 16), 1, [0, 2, 0, 1], dtype=dtype, device="cuda")
+    p, u = pred.clone().requires_grad_(), unc.clone().requires_grad_()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = tur_ext.task_uncertainty_loss(p, target, u, ids, 3, check_finite=False)
+        (out.loss * 2.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(out.loss) and p.grad is not None and u.grad is not None

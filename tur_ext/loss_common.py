@@ -94,15 +94,28 @@ def validate(
             raise ValueError(f"task_ids: expected every id in [0, {num_tasks}) (num_tasks = {num_tasks}), got {bad}")
 
 
-def check_finite(out: TURLossOutput, task_names: Optional[Sequence[str]] = None) -> None:
-    """Raises FloatingPointError naming the first task whose loss is not finite."""
+def check_finite(
+    out: TURLossOutput, task_names: Optional[Sequence[str]] = None, batch_size: Optional[int] = None
+) -> None:
+    """Raises FloatingPointError naming the first task whose loss is not finite, or saying how many task ids
+    were out of range (device ids are range-checked by the kernel, which reports them as a NaN loss; the counts
+    then add up to fewer than ``batch_size`` samples)."""
     # The loss is the mean of the per-task losses, so it is finite exactly when they all are: one read suffices.
     if bool(torch.isfinite(out.loss)):
         return
+    K = out.counts.shape[0]
+    in_range = int(out.counts.sum())
+    if batch_size is not None and in_range < batch_size:
+        if in_range == 0:
+            raise FloatingPointError(f"TUR loss is not finite: no task id in [0, {K}) (num_tasks = {K}): check task_ids")
+        raise FloatingPointError(
+            f"TUR loss is not finite: {batch_size - in_range} of {batch_size} task ids outside [0, {K}) "
+            f"(num_tasks = {K}): check task_ids"
+        )
     finite = torch.isfinite(out.per_task_loss)
     bad = [k for k, ok in enumerate(finite.tolist()) if not ok]
     if not bad:
-        raise FloatingPointError("TUR loss is not finite (no task-id in range: check task_ids)")
+        raise FloatingPointError(f"TUR loss is not finite, every task's loss is (task ids outside [0, {K})?)")
     k = bad[0]
     name = f" ({task_names[k]!r})" if task_names is not None and k < len(task_names) else ""
     raise FloatingPointError(

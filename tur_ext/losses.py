@@ -46,7 +46,7 @@ def task_uncertainty_loss(
     )
     out = TURLossOutput(loss, per_task.detach(), l1.detach(), wl1.detach(), reg.detach(), counts)
     if check_finite and not compiling:
-        _check_finite(out)
+        _check_finite(out, batch_size=pred.shape[0])
     return out
 
 
@@ -86,7 +86,7 @@ class TaskUncertaintyLoss(nn.Module):
             check_finite=False,
         )
         if self.check_finite and not torch.compiler.is_compiling():
-            _check_finite(out, list(self.tasks))
+            _check_finite(out, list(self.tasks), batch_size=pred.shape[0])
         return out
 
     def extra_repr(self) -> str:

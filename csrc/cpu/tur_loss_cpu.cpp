@@ -53,8 +53,8 @@ void run(const LossProblem& p, LossBuffers& out, bool compute_grad) {
   cp.counts = counts.data();
   cp.offsets = offsets.data();
   cp.order = order.data();
-  cp.grad_pred = compute_grad ? out.grad_pred_work.mutable_data_ptr<scalar_t>() : nullptr;
-  cp.grad_unc = compute_grad ? out.grad_uncertainty_work.mutable_data_ptr<scalar_t>() : nullptr;
+  cp.grad_pred = compute_grad ? out.grad_pred_work.mutable_data_ptr<cpu::grad_t<scalar_t>>() : nullptr;
+  cp.grad_unc = compute_grad ? out.grad_uncertainty_work.mutable_data_ptr<cpu::grad_t<scalar_t>>() : nullptr;
   const cpu::ChunkKernels<scalar_t, acc_t> kernels = cpu::chunk_kernels<scalar_t, acc_t>(cpu::active_capability());
 
   const int64_t nch = (p.Q + CHUNK - 1) / CHUNK;
@@ -67,8 +67,7 @@ void run(const LossProblem& p, LossBuffers& out, bool compute_grad) {
   std::vector<TaskCoeffs<acc_t>> coeffs(p.K);
   for (int64_t k = 0; k < p.K; ++k) {
     usum[k] = total(usum_part, nch, p.K, k);
-    if (counts[k] > 0) coeffs[k] = task_coeffs<acc_t>(counts[k], present, p.G, p.Q, usum[k], p.reg_weight,
-                                                       p.grad_scale_pred, p.grad_scale_unc);
+    if (counts[k] > 0) coeffs[k] = task_coeffs<acc_t>(counts[k], present, p.G, p.Q, usum[k], p.reg_weight);
   }
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {

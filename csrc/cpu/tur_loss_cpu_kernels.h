@@ -10,7 +10,23 @@
 
 #include "tur_loss_math.h"
 
+namespace c10 {
+struct Half;
+}
+
 namespace tur::cpu {
+
+// The type gradients are stored in: the input dtype, except float32 for float16 (see grad_dtype in tur_loss.h).
+template <typename scalar_t>
+struct GradStorage {
+  using type = scalar_t;
+};
+template <>
+struct GradStorage<c10::Half> {
+  using type = float;
+};
+template <typename scalar_t>
+using grad_t = typename GradStorage<scalar_t>::type;
 
 // Uncertainty positions per unit of work. Every partial sum belongs to one chunk and chunks are combined in
 // index order, so results do not depend on the thread count.
@@ -28,8 +44,8 @@ struct ChunkProblem {
   const int64_t* counts;
   const int64_t* offsets;
   const int64_t* order;
-  scalar_t* grad_pred;  // null when no gradient is wanted
-  scalar_t* grad_unc;   // null when no gradient is wanted
+  grad_t<scalar_t>* grad_pred;  // null when no gradient is wanted
+  grad_t<scalar_t>* grad_unc;   // null when no gradient is wanted
 };
 
 template <typename scalar_t, typename acc_t>

@@ -18,9 +18,8 @@ struct LossLaunch {
   const int64_t* task_ids = nullptr;
   int64_t B = 0, G = 0, Q = 0, K = 0;
   double eps = 0.0, reg_weight = 0.0;
-  double grad_scale_pred = 1.0, grad_scale_unc = 1.0;  // see fp16_grad_scale in tur_loss_math.h
-  // Outputs: gradients in the input dtype (both null when no gradient is wanted); statistics in float32, or
-  // float64 for float64 inputs; counts int64.
+  // Outputs: gradients in the input dtype, float32 for float16 (both null when no gradient is wanted; see
+  // grad_dtype in tur_loss.h); statistics in float32, or float64 for float64 inputs; counts int64.
   void* grad_pred = nullptr;
   void* grad_uncertainty = nullptr;
   void* loss = nullptr;

@@ -45,8 +45,6 @@ LossResult task_uncertainty_loss_cuda(const at::Tensor& pred, const at::Tensor& 
   a.K = p.K;
   a.eps = p.eps;
   a.reg_weight = p.reg_weight;
-  a.grad_scale_pred = p.grad_scale_pred;
-  a.grad_scale_unc = p.grad_scale_unc;
   a.grad_pred = compute_grad ? out.grad_pred_work.mutable_data_ptr() : nullptr;
   a.grad_uncertainty = compute_grad ? out.grad_uncertainty_work.mutable_data_ptr() : nullptr;
   a.loss = out.loss.mutable_data_ptr();

@@ -79,8 +79,9 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _fake_loss(pred, target, uncertainty, task_ids, num_tasks, eps, reg_weight, compute_grad):
     stats = pred.new_empty((num_tasks,), dtype=_accumulate_dtype(pred.dtype))
-    if compute_grad:
-        grad_pred, grad_unc = torch.empty_like(pred), torch.empty_like(uncertainty)
+    if compute_grad:  # float16 gradients come in float32 (csrc/tur_loss.h, grad_dtype)
+        gdt = torch.float32 if pred.dtype == torch.float16 else pred.dtype
+        grad_pred, grad_unc = torch.empty_like(pred, dtype=gdt), torch.empty_like(uncertainty, dtype=gdt)
     else:
         grad_pred, grad_unc = pred.new_empty((0,)), pred.new_empty((0,))
     return (
@@ -95,19 +96,10 @@ def _fake_loss(pred, target, uncertainty, task_ids, num_tasks, eps, reg_weight, 
     )
 
 
-def fp16_grad_scale(elements: int) -> float:
-    """The power of two the op multiplies float16 gradients by (csrc/tur_loss_math.h, fp16_grad_scale): the
-    largest one <= ``elements`` (values per sample), which lifts gradients of order 1/elements out of float16's
-    subnormal range. The autograd formula divides it back out."""
-    return float(2 ** (max(int(elements), 1).bit_length() - 1))
-
-
 def _setup_context(ctx, inputs, output) -> None:
     pred, _, uncertainty = inputs[:3]
     ctx.compute_grad = inputs[7]
-    half = pred.dtype == torch.float16
-    ctx.scale_pred = fp16_grad_scale(pred[0].numel()) if half else 1.0
-    ctx.scale_unc = fp16_grad_scale(uncertainty[0].numel()) if half else 1.0
+    ctx.dtypes = (pred.dtype, uncertainty.dtype)
     ctx.save_for_backward(output[6], output[7])
     # Only the loss is differentiable: without these, autograd would allocate and zero-fill a gradient for each
     # of the other outputs (the two gradient-sized ones included) on every backward.
@@ -115,11 +107,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, stored_scale: float) -> torch.Tensor:
-    if stored_scale != 1.0:
-        # float16: the factor grad_loss / stored_scale can be a float16 subnormal and the product grad * grad_loss
-        # can overflow, so the product is formed in float32 and rounded once.
-        return (grad.float() * (grad_loss.float() / stored_scale)).to(grad.dtype)
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if grad.dtype != dtype:
+        # float16 inputs: the op's float32 gradient times grad_loss, rounded to float16 once, so that a gradient
+        # of order 1/(C*P) keeps its precision under an AMP loss scale and a large one stays finite.
+        return (grad * grad_loss.float()).to(dtype)
     # The common case, loss.backward() on CPU, needs no extra pass over the gradient. Only for plain eager
     # tensors: under tracing (fake/functional tensor subclasses) the value is not known.
     if (
@@ -146,9 +138,9 @@ def _backward(ctx, grad_loss, *_unused):
     grad_pred, grad_unc = ctx.saved_tensors
     if grad_loss is None:  # only another output was used downstream: nothing flows back
         return None, None, None, None, None, None, None, None
-    grad_pred = _scale(grad_pred, grad_loss, ctx.scale_pred)
+    grad_pred = _scale(grad_pred, grad_loss, ctx.dtypes[0])
     grad_target = -grad_pred if ctx.needs_input_grad[1] else None
-    grad_unc = _scale(grad_unc, grad_loss, ctx.scale_unc) if ctx.needs_input_grad[2] else None
+    grad_unc = _scale(grad_unc, grad_loss, ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
     return grad_pred, grad_target, grad_unc, None, None, None, None, None
 
 
