@@ -29,7 +29,7 @@ def _manual_task_l1(pred, target, ids, k):
 
 
 def test_registry_and_unknown_name():
-    assert sorted(LOSSES) == ["dwa", "l1", "tur", "uw"]
+    assert sorted(LOSSES) == ["dwa", "famo", "l1", "tur", "uw"]
     with pytest.raises(ValueError, match="loss.name"):
         build_loss("mse", TASKS)
     with pytest.raises(TypeError, match="bad options"):

@@ -14,7 +14,8 @@ Registry (``build_loss(name, tasks, **cfg)``):
     tur   Task Uncertainty Regularization, the fused op (``tur_ext.TaskUncertaintyLoss``); needs the uncertainty map.
           Study knobs (defaults = the published method): ``reg_warmup`` N ramps lambda linearly from 0 over the first
           N training calls (0: off); ``weighting="task"`` weights each task's L1 by the scalar m_k (its mean
-          uncertainty) instead of the per-pixel map U_k(x) (``"pixel"``, the default).
+          uncertainty) instead of the per-pixel map U_k(x) (``"pixel"``, the default); ``variant="published"`` is
+          the released 3/5-task models' loss (:mod:`tur_ext.published_loss`).
     l1    uniform L1 over the batch: exactly ``F.l1_loss(pred, target)``.
     uw    Kendall, Gal & Cipolla (CVPR 2018) homoscedastic uncertainty weighting: a learned s_k = log sigma_k^2 per
           task, objective (1/M) sum_k [0.5 exp(-s_k) L_k + 0.5 s_k] over the M tasks present. Its parameters are
@@ -23,6 +24,14 @@ Registry (``build_loss(name, tasks, **cfg)``):
           completed periods, lambda_k = K exp(w_k / T) / sum_i exp(w_i / T), lambda = 1 for the first two periods;
           objective (1/M) sum_k lambda_k L_k. A period is ``period`` training calls (the trainer uses one epoch).
           Its running sums are buffers, so a checkpoint restores them exactly.
+    famo  Fast Adaptive Multitask Optimization, Liu et al. (NeurIPS 2023): task logits xi with z = softmax(xi) over
+          the tasks present; objective sum_k z_k log(L_k + 1e-8) / c with c = sum_k z_k / (L_k + 1e-8) (detached),
+          so the model sees the task gradients with weights z_k / (c (L_k + 1e-8)), which sum to 1 (logged as
+          ``weight``). xi follows Adam (``w_lr``, L2 ``gamma``) on J_softmax^T delta with delta_k = log L_k(t') -
+          log L_k(t), the improvement of task k since the call t' it was last seen: tasks that improve less gain
+          weight.
+          O(1) per step, task losses only. The paper measures L(t) after the model's step on the same batch (a
+          second forward); here L(t) is the next training call's loss (another batch), which costs nothing more.
 """
 from __future__ import annotations
 
@@ -116,7 +125,7 @@ class TURLoss(_TaskLoss):
     WEIGHTINGS = ("pixel", "task")
 
     def __init__(self, tasks, eps: float = 1e-6, reg_weight: float = 2.0, reg_warmup: int = 0,
-                 weighting: str = "pixel"):
+                 weighting: str = "pixel", variant: str = "per_task"):
         super().__init__(tasks)
         from .losses import TaskUncertaintyLoss  # the fused op; imported here so the other losses work without it
 
@@ -124,7 +133,7 @@ class TURLoss(_TaskLoss):
             raise ValueError(f"reg_warmup: expected an integer >= 0 (steps), got {reg_warmup!r}")
         if weighting not in self.WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {list(self.WEIGHTINGS)}, got {weighting!r}")
-        self.inner = TaskUncertaintyLoss(self.tasks, eps=eps, reg_weight=reg_weight)
+        self.inner = TaskUncertaintyLoss(self.tasks, eps=eps, reg_weight=reg_weight, variant=variant)
         self.reg_weight = float(reg_weight)
         self.reg_warmup = reg_warmup
         self.weighting = weighting
@@ -273,16 +282,87 @@ class DynamicWeightAverageLoss(_TaskLoss):
                 self.weights.copy_(self.dwa_weights(self.history[0], self.history[1], self.temperature))
 
 
+class FAMOLoss(_TaskLoss):
+    """Liu et al. FAMO: loss-balancing task logits updated from the change of the log task losses."""
+
+    name = "famo"
+
+    def __init__(self, tasks, w_lr: float = 0.025, gamma: float = 0.01, betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(tasks)
+        for key, v in (("w_lr", w_lr), ("eps", eps)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{key}: expected > 0, got {v!r}")
+        if not (isinstance(gamma, (int, float)) and gamma >= 0):
+            raise ValueError(f"gamma: expected >= 0, got {gamma!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        self.w_lr, self.gamma, self.betas, self.eps = float(w_lr), float(gamma), tuple(map(float, betas)), float(eps)
+        k = len(self.tasks)
+        # Logits, Adam's moments and the previous call's losses are buffers: a checkpoint restores them exactly.
+        self.register_buffer("logits", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("adam_m", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("adam_v", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
+        self.register_buffer("prev_loss", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("prev_present", torch.zeros(k, dtype=torch.bool))
+
+    def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
+        ids = _as_ids(self.tasks, task_ids, pred.device)
+        _check_pair(pred, target, ids)
+        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks)
+        present = counts > 0
+        if self.training and torch.is_grad_enabled():
+            self._update_logits(l1.detach(), present)
+        z = torch.softmax(self.logits.masked_fill(~present.to(self.logits.device), float("-inf")), 0)
+        z = z.to(device=l1.device, dtype=l1.dtype)
+        d = torch.where(present, l1, torch.ones_like(l1)) + self.eps
+        c = (z / d).sum().detach()
+        terms = torch.where(present, z * torch.log(d) / c, torch.zeros_like(l1))
+        loss = terms.sum()
+        logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        logs["loss"] = terms.detach()
+        logs["weight"] = torch.where(present, z / (c * d), torch.full_like(l1, float("nan"))).detach()
+        return loss, logs
+
+    @torch.no_grad()
+    def _update_logits(self, l1: torch.Tensor, present: torch.Tensor) -> None:
+        sums, cnt = (l1 * present).to(torch.float64), present.to(torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            both = torch.cat([sums, cnt])  # every process steps the logits on the losses of the whole batch
+            torch.distributed.all_reduce(both)
+            sums, cnt = both[: self.num_tasks], both[self.num_tasks:]
+        cur = (sums / cnt.clamp_min(1)).to(self.prev_loss)
+        now = (cnt > 0).to(self.prev_present.device)
+        both_seen = now & self.prev_present
+        if bool(both_seen.any()):
+            delta = torch.where(both_seen, torch.log(self.prev_loss + self.eps) - torch.log(cur + self.eps),
+                                torch.zeros_like(cur))
+            z = torch.softmax(self.logits, 0)
+            grad = z * (delta - (z * delta).sum()) + self.gamma * self.logits  # J_softmax^T delta, L2 as Adam's
+            b1, b2 = self.betas
+            self.adam_t += 1
+            t = int(self.adam_t)
+            self.adam_m.mul_(b1).add_(grad, alpha=1 - b1)
+            self.adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            m_hat = self.adam_m / (1 - b1 ** t)
+            v_hat = self.adam_v / (1 - b2 ** t)
+            self.logits -= self.w_lr * m_hat / (v_hat.sqrt() + 1e-8)
+        self.prev_loss.copy_(torch.where(now, cur, self.prev_loss))
+        self.prev_present |= now
+
+
 LOSSES: dict[str, Callable[..., _TaskLoss]] = {
     "tur": TURLoss,
     "l1": L1Loss,
     "uw": UncertaintyWeightingLoss,
     "dwa": DynamicWeightAverageLoss,
+    "famo": FAMOLoss,
 }
 
 
 def build_loss(name: str, tasks, **cfg) -> _TaskLoss:
-    """The loss ``name`` (tur, l1, uw, dwa) for ``tasks`` (a TaskSet, set name or list of names)."""
+    """The loss ``name`` (tur, l1, uw, dwa, famo) for ``tasks`` (a TaskSet, set name or list of names)."""
     if name not in LOSSES:
         raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
     try:

@@ -8,7 +8,11 @@ from torch import nn
 
 from . import ops, reference
 from .loss_common import TaskIds, TURLossOutput, as_task_ids, check_finite as _check_finite, validate
+from .published_loss import published_task_uncertainty_loss
 from .tasks import TaskSet
+
+#: ``per_task``: DESIGN.md §1 (the fused op); ``published``: the released 3/5-task models' loss.
+VARIANTS = ("per_task", "published")
 
 
 def task_uncertainty_loss(
@@ -21,13 +25,21 @@ def task_uncertainty_loss(
     eps: float = 1e-6,
     reg_weight: float = 2.0,
     check_finite: bool = True,
+    variant: str = "per_task",
 ) -> TURLossOutput:
     """Task Uncertainty Regularization loss (DESIGN.md §1), fused forward+backward.
 
     ``pred``/``target``: (B, C, *S); ``uncertainty``: (B, 1 or C, *S), positive; ``task_ids``: (B,) ints in
     [0, num_tasks). Returns :class:`TURLossOutput`; only ``loss`` is differentiable. With ``check_finite`` a
     non-finite task loss raises FloatingPointError naming the task (one host sync; none when False).
+    ``variant="published"``: the released 3/5-task models' loss, whose per-task lists accumulate over the tasks
+    (:mod:`tur_ext.published_loss`; ordinary tensor ops, slower).
     """
+    if variant != "per_task":
+        if variant != "published":
+            raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+        return published_task_uncertainty_loss(pred, target, uncertainty, task_ids, num_tasks, eps=eps,
+                                               reg_weight=reg_weight, check_finite=check_finite)
     if ops.backend() == "reference":
         return reference.task_uncertainty_loss(
             pred, target, uncertainty, task_ids, num_tasks, eps=eps, reg_weight=reg_weight, check_finite=check_finite
@@ -63,9 +75,13 @@ class TaskUncertaintyLoss(nn.Module):
         eps: float = 1e-6,
         reg_weight: float = 2.0,
         check_finite: bool = True,
+        variant: str = "per_task",
     ):
         super().__init__()
         self.tasks = TaskSet(tasks)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+        self.variant = variant
         if not (eps >= 0.0 and eps < float("inf")):
             raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
         self.eps = float(eps)
@@ -83,11 +99,12 @@ class TaskUncertaintyLoss(nn.Module):
             task_ids = self.tasks.ids(task_ids)
         out = task_uncertainty_loss(
             pred, target, uncertainty, task_ids, len(self.tasks), eps=self.eps, reg_weight=self.reg_weight,
-            check_finite=False,
+            check_finite=False, variant=self.variant,
         )
         if self.check_finite and not torch.compiler.is_compiling():
             _check_finite(out, list(self.tasks), batch_size=pred.shape[0])
         return out
 
     def extra_repr(self) -> str:
-        return f"tasks={list(self.tasks)}, eps={self.eps}, reg_weight={self.reg_weight}"
+        variant = f", variant={self.variant!r}" if self.variant != "per_task" else ""
+        return f"tasks={list(self.tasks)}, eps={self.eps}, reg_weight={self.reg_weight}{variant}"

@@ -77,7 +77,7 @@ SCHEMA = Section({
                                 doc="which weights of a BasicSR file (auto: params_ema when present)"),
     }, open=True),
     "loss": Section({
-        "name": Field((str,), "tur", choices=("tur", "l1", "uw", "dwa")),
+        "name": Field((str,), "tur", choices=("tur", "l1", "uw", "dwa", "famo")),
     }, open=True),
     "data": Section({
         "batch_size": Field((int,), 8, check=_positive, doc="total batch size over all processes"),
