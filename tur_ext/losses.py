@@ -1,7 +1,7 @@
 """The TUR loss: the functional form and the ``nn.Module`` that training code uses."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,13 +21,23 @@ def task_uncertainty_loss(
     eps: float = 1e-6,
     reg_weight: float = 2.0,
     check_finite: bool = True,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> TURLossOutput:
     """Task Uncertainty Regularization loss (DESIGN.md §1), fused forward+backward.
 
     ``pred``/``target``: (B, C, *S); ``uncertainty``: (B, 1 or C, *S), positive; ``task_ids``: (B,) ints in
     [0, num_tasks). Returns :class:`TURLossOutput`; only ``loss`` is differentiable. With ``check_finite`` a
     non-finite task loss raises FloatingPointError naming the task (one host sync; none when False).
+
+    ``process_group``: the loss of the global batch of that group (every rank passes its shard and gets the loss and
+    statistics of one process on the concatenated batch; gradients are world_size x the local part, so DDP's
+    averaging gives the one-process gradient). See :mod:`tur_ext.distributed_loss`. None: the fused op.
     """
+    if process_group is not None:
+        from .distributed_loss import global_task_uncertainty_loss
+
+        return global_task_uncertainty_loss(pred, target, uncertainty, task_ids, num_tasks, process_group=process_group,
+                                            eps=eps, reg_weight=reg_weight, check_finite=check_finite)
     if ops.backend() == "reference":
         return reference.task_uncertainty_loss(
             pred, target, uncertainty, task_ids, num_tasks, eps=eps, reg_weight=reg_weight, check_finite=check_finite
@@ -53,6 +63,7 @@ def task_uncertainty_loss(
 class TaskUncertaintyLoss(nn.Module):
     """TUR loss over a fixed task set. ``tasks``: task names (or a task-set name such as "3task"), or an int K.
 
+    ``process_group``: compute the loss over the global batch of that group (see :func:`task_uncertainty_loss`).
     ``forward(pred, target, uncertainty, task_ids)`` takes ids (tensor or ints) or task names (a list of str, as a
     data loader yields them) and returns :class:`TURLossOutput`.
     """
@@ -63,9 +74,11 @@ class TaskUncertaintyLoss(nn.Module):
         eps: float = 1e-6,
         reg_weight: float = 2.0,
         check_finite: bool = True,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ):
         super().__init__()
         self.tasks = TaskSet(tasks)
+        self.process_group = process_group  # not None: the loss of the group's global batch
         if not (eps >= 0.0 and eps < float("inf")):
             raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
         self.eps = float(eps)
@@ -83,7 +96,7 @@ class TaskUncertaintyLoss(nn.Module):
             task_ids = self.tasks.ids(task_ids)
         out = task_uncertainty_loss(
             pred, target, uncertainty, task_ids, len(self.tasks), eps=self.eps, reg_weight=self.reg_weight,
-            check_finite=False,
+            check_finite=False, process_group=self.process_group,
         )
         if self.check_finite and not torch.compiler.is_compiling():
             _check_finite(out, list(self.tasks))
