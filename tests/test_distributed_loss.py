@@ -62,9 +62,33 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             dist.all_reduce(gw)
             gw /= WORLD
             results.append({"out": [v.detach() for v in out], "gp": p.grad, "gt": t.grad, "gu": u.grad, "gw": gw})
+        results.append(_baseline_results(rank))
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+BASELINES = {"tur": {}, "uw": {"init_log_var": 0.3}, "dwa": {"period": 1}}
+
+
+def _baseline_results(rank: int | None) -> dict:
+    """(loss, logs, grad of pred) of each baseline: on this rank's shard under the WORLD group, or (rank None) on
+    the whole batch in one process. Case 0's split; float64."""
+    from tur_ext.baselines import build_loss
+
+    pred, target, unc, ids, _, _, split = _case_inputs(CASES[0])
+    sl = slice(None) if rank is None else slice(0, split) if rank == 0 else slice(split, None)
+    res = {}
+    for name, kw in BASELINES.items():
+        fn = build_loss(name, 5, **kw).double()
+        if rank is not None:
+            fn.process_group = dist.group.WORLD
+        p = pred[sl].clone().requires_grad_()
+        loss, logs = fn(p, target[sl], unc[sl], ids[sl])
+        loss.backward()
+        extra = {"log_var_grad": fn.log_var.grad.clone()} if name == "uw" else {}
+        res[name] = {"loss": loss.detach(), "logs": {k: v.clone() for k, v in logs.items()}, "gp": p.grad, **extra}
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +127,24 @@ def test_global_loss_statistics_and_gradients_match_one_process_on_the_global_ba
     # Absent tasks report 0 with count 0 on every rank.
     absent = ref.counts == 0
     assert all(bool((res[i]["out"][1][absent] == 0).all()) for res in ranks)
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baselines_task_statistics_and_gradients_are_those_of_the_global_batch(ranks, name):
+    """tur, uw and dwa with ``process_group`` set: loss, logged per-task l1 and count, and world x grad of pred equal
+    the loss module on the concatenated batch in one process (uw: the same log-variance gradient on every rank)."""
+    ref = _baseline_results(None)[name]
+    split = len(CASES[0][5])
+    for r, res in enumerate(ranks):
+        got = res[-1][name]
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-12, atol=1e-14)
+        for key in ("l1", "count", "loss", "weight"):
+            torch.testing.assert_close(got["logs"][key], ref["logs"][key], rtol=1e-12, atol=1e-14, equal_nan=True,
+                                       msg=f"rank {r}: logs[{key!r}]")
+        sl = slice(0, split) if r == 0 else slice(split, None)
+        torch.testing.assert_close(got["gp"], WORLD * ref["gp"][sl], rtol=1e-12, atol=1e-14)
+        if name == "uw":
+            torch.testing.assert_close(got["log_var_grad"], ref["log_var_grad"], rtol=1e-12, atol=1e-14)
 
 
 def test_the_local_loss_differs_so_the_test_can_fail():

@@ -142,3 +142,27 @@ def global_task_uncertainty_loss(
 
 
 __all__ = ["global_task_uncertainty_loss", "reduced_values_per_step"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over the ranks of x, the same on every rank; backward: world_size x dL/dy (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        ctx.world = dist.get_world_size(group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.world, None
+
+
+def all_reduce_sum(x: torch.Tensor, process_group: Optional["dist.ProcessGroup"]) -> torch.Tensor:
+    """Differentiable SUM over the ranks of ``process_group`` under the world_size x convention (DDP's averaging of
+    parameter gradients then gives the gradient of one process on the global batch)."""
+    return _AllReduceSum.apply(x, process_group)
+
+
+__all__.append("all_reduce_sum")
