@@ -168,3 +168,106 @@ def test_without_torch_distributed_the_distributed_path_says_so():
     x = torch.rand(2, 1, 3, 3)
     with pytest.raises(RuntimeError, match="process_group: torch.distributed is not initialised"):
         task_uncertainty_loss(x, x, x + 0.1, [0, 1], 2, process_group=object())
+
+
+def _tiny_cfg(out, *overrides):
+    from tur_ext.train.config import load_config
+
+    raw = {
+        "name": "tiny", "seed": 0, "output_dir": str(out), "tasks": "3task",
+        "model": {"name": "nafnet-tiny", "width": 8}, "loss": {"name": "tur"},
+        "data": {"type": "embedded", "patch_size": 16, "length": 20, "eval_crop": 16, "eval_crops_per_task": 1,
+                 "batch_size": 5, "eval_batch_size": 5},
+        # Adam's eps far above |grad| makes the first update about lr * grad (not lr * sign(grad)), scale-sensitive.
+        "optim": {"lr": 0.01, "eps": 1.0}, "schedule": {"warmup": 0},
+        "train": {"steps": 1, "log_every": 1, "checkpoint_every": 1, "progress": False, "tensorboard": False,
+                  "validate": False},
+    }
+    return load_config(raw=raw, overrides=list(overrides))
+
+
+def _update(tr, batches, *, concat: bool):
+    """One optimizer step of trainer ``tr`` from ``batches`` (the ranks' batches): one loss on their concatenation
+    (global TUR) or the average of the per-batch gradients (local TUR). Returns the parameter change."""
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.model.train()
+    if concat:
+        batches = [{k: torch.cat([b[k] for b in batches]) for k in ("lq", "gt", "task_id")}]
+    grads = []
+    for b in batches:
+        tr.optimizer.zero_grad(set_to_none=True)
+        pred, unc = tr._forward(b["lq"])
+        tr.loss_fn(pred, b["gt"].float(), unc, b["task_id"])[0].backward()
+        grads.append([p.grad.clone() for p in params])
+    for i, p in enumerate(params):
+        p.grad = sum(g[i] for g in grads) / len(grads)
+    tr.optimizer.step()
+    return torch.cat([(p.detach() - before[n]).flatten() for n, p in tr.model.named_parameters()])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_global_tur_step_like_one_process_on_the_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo), loss.sync=global, a total batch of 10 (5 per rank): the weights after one
+    step equal those of one process computing TUR on the concatenated 10 samples and stepping once, within 1e-5 of
+    the update's size; the local-TUR update (average of the per-rank gradients) is far from it."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tur_ext.train.checkpoint import load_checkpoint
+    from tur_ext.train.trainer import Trainer
+
+    run = tmp_path / "ddp"
+    cfg = _tiny_cfg(run, "data.batch_size=10", "loss.sync=global")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tur_ext", "train",
+                           str(tmp_path / "cfg.yaml")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss.sync=global: per-task statistics over the global micro-batch of 10" in proc.stdout + proc.stderr
+    ck = load_checkpoint(run / "checkpoints" / "step_00000001.pt")
+
+    ref_cfg = _tiny_cfg(tmp_path / "ref", "data.batch_size=5")  # rank r's batch = batch r of this loader
+    results = {}
+    for concat in (True, False):
+        with Trainer(ref_cfg) as tr:
+            batches = [b for _, b in zip(range(2), tr.loader)]
+            before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            results[concat] = _update(tr, batches, concat=concat)
+    got = torch.cat([(ck["params"][n] - before[n]).flatten() for n in before])
+    want = results[True]
+    assert want.norm() > 0
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 1e-5, rel
+    local_off = ((results[False] - want).norm() / want.norm()).item()
+    assert local_off > 100 * max(rel, 1e-7), (rel, local_off)
+    print(f"global-TUR DDP step vs one process: {rel:.2e} relative; the local-TUR step is {local_off:.2e} away")
+
+
+def test_gradient_accumulation_gives_the_full_batch_step_for_a_batch_mean_loss(tmp_path):
+    """train.accumulate=5 splits the batch of 5 into 5 forward/backward passes; with the l1 loss (a batch mean) the
+    step equals the one-pass step. TUR's statistics are then per micro-batch (said in the log line)."""
+    from tur_ext.train.trainer import Trainer, describe_batch
+
+    deltas = []
+    for a in (1, 5):
+        cfg = _tiny_cfg(tmp_path / f"a{a}", "loss.name=l1", f"train.accumulate={a}")
+        with Trainer(cfg) as tr:
+            before = torch.cat([p.detach().flatten().clone() for p in tr.model.parameters()])
+            batch = next(iter(tr.loader))
+            loss, logs = tr.train_step(batch)
+            deltas.append(torch.cat([p.detach().flatten() for p in tr.model.parameters()]) - before)
+            assert int(logs["count"].sum()) == 5
+    rel = ((deltas[1] - deltas[0]).norm() / deltas[0].norm()).item()
+    assert deltas[0].norm() > 0 and rel < 1e-5, rel
+    assert "in 5 micro-batch(es) of 1" in describe_batch(_tiny_cfg(tmp_path, "train.accumulate=5"), 1)
+    with pytest.raises(ValueError, match="train.accumulate: the per-process batch 5"):
+        Trainer(_tiny_cfg(tmp_path / "bad", "train.accumulate=2"))

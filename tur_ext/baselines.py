@@ -310,11 +310,19 @@ LOSSES: dict[str, Callable[..., _TaskLoss]] = {
 }
 
 
-def build_loss(name: str, tasks, **cfg) -> _TaskLoss:
-    """The loss ``name`` (tur, l1, uw, dwa) for ``tasks`` (a TaskSet, set name or list of names)."""
+def build_loss(name: str, tasks, *, sync: str = "local", process_group=None, **cfg) -> _TaskLoss:
+    """The loss ``name`` (tur, l1, uw, dwa) for ``tasks`` (a TaskSet, set name or list of names).
+
+    ``sync="global"`` with a ``process_group``: per-task statistics over the group's global batch (see the module
+    doc); ``"local"``, or no group (one process), each process's own batch."""
     if name not in LOSSES:
         raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    if sync not in ("local", "global"):
+        raise ValueError(f"loss.sync: expected 'local' or 'global', got {sync!r}")
     try:
-        return LOSSES[name](tasks, **cfg)
+        loss = LOSSES[name](tasks, **cfg)
     except TypeError as e:
         raise TypeError(f"loss: bad options {sorted(cfg)} for loss {name!r}: {e}") from None
+    if sync == "global" and process_group is not None:
+        loss.process_group = process_group
+    return loss
