@@ -9,6 +9,10 @@ and returning ``(loss, logs)``: the scalar to back-propagate and a dict of detac
     uncertainty  mean predicted uncertainty of the task (when an uncertainty map is given)
     weight       the task's weight in the objective (uw, dwa)
 
+Under torch.distributed, setting ``loss_fn.process_group`` (the trainer does for ``loss.sync: global``) makes the
+per-task statistics those of the group's global batch: TUR through :mod:`tur_ext.distributed_loss`, uw/dwa by one
+all_reduce of the K per-task L1 sums and K counts; the logged l1 and count are then global too.
+
 Registry (``build_loss(name, tasks, **cfg)``):
 
     tur   Task Uncertainty Regularization, the fused op (``tur_ext.TaskUncertaintyLoss``); needs the uncertainty map.
@@ -94,6 +98,9 @@ def _common_logs(pred, target, uncertainty, ids, num_tasks) -> dict:
 class _TaskLoss(nn.Module):
     needs_uncertainty = False
     name = ""
+    #: a torch.distributed process group: the per-task statistics are those of its global batch (the trainer sets
+    #: it for ``loss.sync: global``); None: this process's batch only.
+    process_group = None
 
     def __init__(self, tasks):
         super().__init__()
@@ -154,6 +161,7 @@ class TURLoss(_TaskLoss):
         _check_pair(pred, target, ids)
         training = self.training and torch.is_grad_enabled()
         self.inner.reg_weight = self.current_reg_weight() if training else self.reg_weight
+        self.inner.process_group = self.process_group
         unc = uncertainty
         if self.weighting == "task":
             shape = (unc.shape[0], 1, *unc.shape[2:])
@@ -162,6 +170,8 @@ class TURLoss(_TaskLoss):
         if training and self.reg_warmup > 0:
             self.calls += 1
         logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        if self.process_group is not None:
+            _global_logs(logs, out.per_task_l1, out.counts)
         logs["loss"] = out.per_task_loss.detach().float()
         logs["weighted_l1"] = out.per_task_weighted_l1.detach().float()
         logs["reg"] = out.per_task_reg.detach().float()
@@ -185,11 +195,26 @@ class L1Loss(_TaskLoss):
         return loss, logs
 
 
-def _differentiable_task_l1(pred, target, ids, num_tasks):
+def _differentiable_task_l1(pred, target, ids, num_tasks, process_group=None):
     # At least float32 (AMP outputs are half precision), float64 stays float64.
     dt = torch.promote_types(pred.dtype, torch.float32)
     per_sample = (pred.to(dt) - target.to(dt)).abs().flatten(1).mean(1)
-    return _per_task_mean(per_sample, ids, num_tasks)
+    if process_group is None:
+        return _per_task_mean(per_sample, ids, num_tasks)
+    from .distributed_loss import all_reduce_sum
+
+    # Global per-task means: one all_reduce of the K sums and K counts.
+    both = torch.zeros(2, num_tasks, dtype=dt, device=pred.device)
+    both = both.index_put((torch.zeros_like(ids), ids), per_sample, accumulate=True)
+    both = both.index_put((torch.ones_like(ids), ids), torch.ones_like(per_sample), accumulate=True)
+    both = all_reduce_sum(both, process_group)
+    return both[0] / both[1].clamp_min(1), both[1]
+
+
+def _global_logs(logs: dict, l1: torch.Tensor, counts: torch.Tensor) -> dict:
+    """Under a process group the logged l1 and count are those of the global batch."""
+    logs["l1"], logs["count"] = l1.detach().to(logs["l1"].dtype), counts.detach().to(logs["count"].dtype)
+    return logs
 
 
 class UncertaintyWeightingLoss(_TaskLoss):
@@ -204,12 +229,14 @@ class UncertaintyWeightingLoss(_TaskLoss):
     def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
         ids = _as_ids(self.tasks, task_ids, pred.device)
         _check_pair(pred, target, ids)
-        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks)
+        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks, self.process_group)
         present = (counts > 0).to(l1.dtype)
         s = self.log_var.to(l1.dtype)
         terms = (0.5 * torch.exp(-s) * l1 + 0.5 * s) * present
         loss = terms.sum() / present.sum()
         logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        if self.process_group is not None:
+            _global_logs(logs, l1, counts)
         logs["loss"] = terms.detach()
         logs["weight"] = (0.5 * torch.exp(-s)).detach()
         return loss, logs
@@ -247,12 +274,14 @@ class DynamicWeightAverageLoss(_TaskLoss):
     def forward(self, pred, target, uncertainty, task_ids) -> LossOutput:
         ids = _as_ids(self.tasks, task_ids, pred.device)
         _check_pair(pred, target, ids)
-        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks)
+        l1, counts = _differentiable_task_l1(pred, target, ids, self.num_tasks, self.process_group)
         present = (counts > 0).to(l1.dtype)
         lam = self.weights.to(device=l1.device, dtype=l1.dtype)
         terms = lam * l1 * present
         loss = terms.sum() / present.sum()
         logs = _common_logs(pred, target, uncertainty, ids, self.num_tasks)
+        if self.process_group is not None:
+            _global_logs(logs, l1, counts)
         logs["loss"] = terms.detach()
         logs["weight"] = lam.detach().clone()
         if self.training and torch.is_grad_enabled():
@@ -262,8 +291,8 @@ class DynamicWeightAverageLoss(_TaskLoss):
     @torch.no_grad()
     def _accumulate(self, l1: torch.Tensor, present: torch.Tensor) -> None:
         sums, counts = l1 * present, present
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every process sees its own shard of the batch: average over all of them so the weights agree.
+        if self.process_group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # (Under a process group l1 is already the global batch's.) Every process sees its own shard of the batch: average over all of them so the weights agree.
             both = torch.cat([sums, counts]).to(torch.float64)
             torch.distributed.all_reduce(both)
             sums, counts = both[: self.num_tasks], both[self.num_tasks:]
@@ -361,11 +390,19 @@ LOSSES: dict[str, Callable[..., _TaskLoss]] = {
 }
 
 
-def build_loss(name: str, tasks, **cfg) -> _TaskLoss:
-    """The loss ``name`` (tur, l1, uw, dwa, famo) for ``tasks`` (a TaskSet, set name or list of names)."""
+def build_loss(name: str, tasks, *, sync: str = "local", process_group=None, **cfg) -> _TaskLoss:
+    """The loss ``name`` (tur, l1, uw, dwa, famo) for ``tasks`` (a TaskSet, set name or list of names).
+
+    ``sync="global"`` with a ``process_group``: per-task statistics over the group's global batch (see the module
+    doc); ``"local"``, or no group (one process), each process's own batch."""
     if name not in LOSSES:
         raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    if sync not in ("local", "global"):
+        raise ValueError(f"loss.sync: expected 'local' or 'global', got {sync!r}")
     try:
-        return LOSSES[name](tasks, **cfg)
+        loss = LOSSES[name](tasks, **cfg)
     except TypeError as e:
         raise TypeError(f"loss: bad options {sorted(cfg)} for loss {name!r}: {e}") from None
+    if sync == "global" and process_group is not None:
+        loss.process_group = process_group
+    return loss

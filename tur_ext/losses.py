@@ -1,7 +1,7 @@
 """The TUR loss: the functional form and the ``nn.Module`` that training code uses."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ def task_uncertainty_loss(
     reg_weight: float = 2.0,
     check_finite: bool = True,
     variant: str = "per_task",
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> TURLossOutput:
     """Task Uncertainty Regularization loss (DESIGN.md §1), fused forward+backward.
 
@@ -34,12 +35,22 @@ def task_uncertainty_loss(
     non-finite task loss raises FloatingPointError naming the task (one host sync; none when False).
     ``variant="published"``: the released 3/5-task models' loss, whose per-task lists accumulate over the tasks
     (:mod:`tur_ext.published_loss`; ordinary tensor ops, slower).
+    ``process_group``: the loss of the global batch of that group (every rank passes its shard and gets the loss and
+    statistics of one process on the concatenated batch; gradients are world_size x the local part, so DDP's
+    averaging gives the one-process gradient). See :mod:`tur_ext.distributed_loss`. None: the fused op.
     """
+    if process_group is not None and variant != "per_task":
+        raise ValueError("variant: the 'published' loss has no process_group form; use loss.sync: local")
     if variant != "per_task":
         if variant != "published":
             raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
         return published_task_uncertainty_loss(pred, target, uncertainty, task_ids, num_tasks, eps=eps,
                                                reg_weight=reg_weight, check_finite=check_finite)
+    if process_group is not None:
+        from .distributed_loss import global_task_uncertainty_loss
+
+        return global_task_uncertainty_loss(pred, target, uncertainty, task_ids, num_tasks, process_group=process_group,
+                                            eps=eps, reg_weight=reg_weight, check_finite=check_finite)
     if ops.backend() == "reference":
         return reference.task_uncertainty_loss(
             pred, target, uncertainty, task_ids, num_tasks, eps=eps, reg_weight=reg_weight, check_finite=check_finite
@@ -65,6 +76,7 @@ def task_uncertainty_loss(
 class TaskUncertaintyLoss(nn.Module):
     """TUR loss over a fixed task set. ``tasks``: task names (or a task-set name such as "3task"), or an int K.
 
+    ``process_group``: compute the loss over the global batch of that group (see :func:`task_uncertainty_loss`).
     ``forward(pred, target, uncertainty, task_ids)`` takes ids (tensor or ints) or task names (a list of str, as a
     data loader yields them) and returns :class:`TURLossOutput`.
     """
@@ -76,12 +88,14 @@ class TaskUncertaintyLoss(nn.Module):
         reg_weight: float = 2.0,
         check_finite: bool = True,
         variant: str = "per_task",
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ):
         super().__init__()
         self.tasks = TaskSet(tasks)
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
         self.variant = variant
+        self.process_group = process_group  # not None: the loss of the group's global batch
         if not (eps >= 0.0 and eps < float("inf")):
             raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
         self.eps = float(eps)
@@ -99,7 +113,7 @@ class TaskUncertaintyLoss(nn.Module):
             task_ids = self.tasks.ids(task_ids)
         out = task_uncertainty_loss(
             pred, target, uncertainty, task_ids, len(self.tasks), eps=self.eps, reg_weight=self.reg_weight,
-            check_finite=False, variant=self.variant,
+            check_finite=False, variant=self.variant, process_group=self.process_group,
         )
         if self.check_finite and not torch.compiler.is_compiling():
             _check_finite(out, list(self.tasks), batch_size=pred.shape[0])

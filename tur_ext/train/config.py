@@ -78,6 +78,10 @@ SCHEMA = Section({
     }, open=True),
     "loss": Section({
         "name": Field((str,), "tur", choices=("tur", "l1", "uw", "dwa", "famo")),
+        "sync": Field((str,), "local", choices=("local", "global"),
+                      doc="under DDP: per-task statistics (TUR's U_k, uw/dwa's task L1) of each process's batch "
+                          "(local, as the published code) or of the global batch (global: the same objective "
+                          "on any number of processes)"),
     }, open=True),
     "data": Section({
         "batch_size": Field((int,), 8, check=_positive, doc="total batch size over all processes"),
@@ -108,6 +112,9 @@ SCHEMA = Section({
     "train": Section({
         "steps": Field((int, None), None, check=_positive, doc="training length in optimizer steps"),
         "epochs": Field((int, float, None), None, check=_positive, doc="training length in epochs"),
+        "accumulate": Field((int,), 1, check=_positive,
+                            doc="micro-batches per optimizer step: each process's batch is split in this many "
+                                "forward/backward passes (to fit memory); the statistics are then per micro-batch"),
         "grad_clip": Field((float, None), None, check=_positive, doc="max gradient norm (null: no clipping)"),
         "amp": Field((str,), "none", choices=("none", "bf16", "fp16"), doc="autocast dtype on CUDA"),
         "channels_last": Field((bool,), False),

@@ -10,7 +10,9 @@ Run folder layout::
     <output_dir>/tb/                    TensorBoard events
 
 Multi-GPU: launched by ``torchrun``, each process trains on ``data.batch_size / WORLD_SIZE`` samples per step
-(DistributedDataParallel); only rank 0 logs, validates and writes checkpoints.
+(DistributedDataParallel), in ``train.accumulate`` micro-batches; only rank 0 logs, validates and writes checkpoints.
+``loss.sync: global`` takes the loss's per-task statistics over the global batch (tur_ext.distributed_loss), so
+that a recipe's total batch gives the same objective on any number of processes.
 """
 from __future__ import annotations
 
@@ -136,6 +138,10 @@ class Trainer:
         if bs % self.dist.world_size:
             raise ValueError(f"data.batch_size: the total batch {bs} must divide by WORLD_SIZE={self.dist.world_size}")
         self.batch_per_rank = bs // self.dist.world_size
+        self.accumulate = t["accumulate"]
+        if self.batch_per_rank % self.accumulate:
+            raise ValueError(f"train.accumulate: the per-process batch {self.batch_per_rank} (data.batch_size {bs} / "
+                             f"{self.dist.world_size} processes) must divide by train.accumulate={self.accumulate}")
         if self.batch_per_rank < len(self.tasks):
             warnings.warn(f"data.batch_size: {self.batch_per_rank} samples per process cannot hold all "
                           f"{len(self.tasks)} tasks in every batch")
@@ -158,6 +164,8 @@ class Trainer:
         self.pretrained = load_pretrained(self.model, cfg["model"]) if cfg["model"]["pretrained"] else None
         self.model.to(self.device)
         loss_cfg = {k: v for k, v in cfg["loss"].items() if k != "name"}
+        if self.dist.enabled:  # loss.sync=global: statistics over the global batch of all processes
+            loss_cfg["process_group"] = torch.distributed.group.WORLD
         if cfg["loss"]["name"] == "dwa":
             loss_cfg.setdefault("period", self.steps_per_epoch)  # DWA averages over epochs
         self.loss_fn = build_loss(cfg["loss"]["name"], self.tasks, **loss_cfg).to(self.device)
@@ -192,6 +200,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.model, device_ids=ids)
+        self._ddp = self.train_model if self.dist.enabled else None
         if t["compile"]:
             self.train_model = torch.compile(self.train_model)
 
@@ -300,11 +309,19 @@ class Trainer:
             lq = lq.contiguous(memory_format=torch.channels_last)
         self.model.train()
         self.loss_fn.train()
-        pred, unc = self._forward(lq)
-        loss, logs = self.loss_fn(pred, gt.float(), unc, ids)
-        self._check_finite(loss, logs, self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        a = self.accumulate
+        parts = []
+        for i, (lq_i, gt_i, ids_i) in enumerate(zip(lq.chunk(a), gt.chunk(a), ids.chunk(a))):
+            # DDP all-reduces the gradients in the last micro-batch's backward only.
+            quiet = self._ddp.no_sync() if self._ddp is not None and i < a - 1 else nullcontext()
+            with quiet:
+                pred, unc = self._forward(lq_i)
+                loss, logs = self.loss_fn(pred, gt_i.float(), unc, ids_i)
+                self._check_finite(loss, logs, self.step + 1)
+                self.scaler.scale(loss if a == 1 else loss / a).backward()
+            parts.append((loss.detach(), logs))
+        loss, logs = parts[0] if a == 1 else merge_micro_batches(parts)
         if self.dist.enabled and self.loss_params:
             # DDP averages the model's gradients only; the loss's own parameters (uw) are averaged here.
             for p in self.loss_params:
@@ -373,6 +390,8 @@ class Trainer:
             print(f"[tur] train data: {dataset_summary(self.train_set)}", flush=True)
             if self.eval_loader is not None:
                 print(f"[tur] eval data: {dataset_summary(self.eval_set)}", flush=True)
+        if self.dist.is_main:
+            print(f"[tur] batch: {describe_batch(self.cfg, self.dist.world_size)}", flush=True)
         if resumed_from is None and self.pretrained is not None and self.dist.is_main:
             print(f"[tur] model: {describe_pretrained(self.pretrained)}", flush=True)
         if resumed_from is not None:
@@ -453,6 +472,35 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def describe_batch(cfg: dict, world_size: int) -> str:
+    """One log line: how the total batch is split over processes and micro-batches, and where the loss's
+    per-task statistics are taken."""
+    bs, a = cfg["data"]["batch_size"], cfg["train"]["accumulate"]
+    per_rank = bs // world_size
+    sync = cfg["loss"]["sync"] if world_size > 1 else "local"
+    group = (f"the global micro-batch of {per_rank // a * world_size}" if sync == "global"
+             else f"each process's micro-batch of {per_rank // a}")
+    return (f"total {bs} = {world_size} process(es) x {per_rank}, in {a} micro-batch(es) of {per_rank // a} "
+            f"(gradient accumulation: {'on' if a > 1 else 'off'}); loss.sync={cfg['loss']['sync']}: per-task "
+            f"statistics over {group}")
+
+
+def merge_micro_batches(parts: list) -> tuple[torch.Tensor, dict]:
+    """(loss, logs) of one step from those of its micro-batches: the mean loss, summed counts and count-weighted
+    per-task values (a per-step value such as uw's weight, where no micro-batch holds the task: the last one's)."""
+    loss = torch.stack([p[0] for p in parts]).mean()
+    counts = torch.stack([p[1]["count"].double() for p in parts])  # (a, K)
+    total = counts.sum(0)
+    logs = {"count": total.to(parts[0][1]["count"].dtype)}
+    for key, last in parts[-1][1].items():
+        if key == "count":
+            continue
+        v = torch.stack([p[1][key].double() for p in parts])
+        mean = torch.where(counts > 0, v, torch.zeros_like(v)).mul(counts).sum(0) / total.clamp_min(1)
+        logs[key] = torch.where(total > 0, mean, last.double()).to(last.dtype)
+    return loss, logs
 
 
 class _LogAccumulator:
