@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -73,6 +74,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
+    if zipfile.is_zipfile(path):  # torch.save's format; a CRC check catches bit rot torch.load would accept
+        from ..integrity import verify_zip
+
+        verify_zip(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

@@ -1,0 +1,49 @@
+"""Hostile files: bit-rotted artifacts and checkpoints are refused with a message naming the file."""
+import zipfile
+
+import pytest
+import torch
+
+from tur_ext.integrity import CorruptFileError, verify_zip
+from tur_ext.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _flip_inside_largest_entry(path):
+    with zipfile.ZipFile(path) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # the entry's data starts after its local header (30 bytes + name + extra); damage its middle
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    pos = start + info.compress_size // 2
+    data[pos] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_bitflipped_torchscript_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3)), str(path))
+    verify_zip(path, "model")  # intact: passes
+    entry = _flip_inside_largest_entry(path)
+    with pytest.raises(CorruptFileError, match=r"model: '.*m\.pt' is corrupt") as info:
+        verify_zip(path, "model")
+    assert entry in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bitflipped_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "step_00000001.pt"
+    save_checkpoint(path, {"step": 1, "params": {"w": torch.randn(4096)}})
+    assert load_checkpoint(path)["step"] == 1
+    _flip_inside_largest_entry(path)
+    with pytest.raises(ValueError, match=r"checkpoint: '.*step_00000001\.pt' is corrupt"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "step_00000002.pt"
+    save_checkpoint(path, {"step": 2, "params": {"w": torch.randn(4096)}})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"step_00000002\.pt"):
+        load_checkpoint(path)
