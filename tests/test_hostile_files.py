@@ -47,3 +47,20 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"step_00000002\.pt"):
         load_checkpoint(path)
+
+
+def test_tur_restore_refuses_bitflipped_export(tmp_path, capsys):
+    from export_helpers import photo_crop, tiny_model
+
+    from tur_ext.cli import main
+    from tur_ext.data.io import write_image
+    from tur_ext.export import export_torchscript
+
+    art = export_torchscript(tiny_model(), tmp_path / "tiny.pt", tasks=["denoise_25"]).path
+    _flip_inside_largest_entry(art)
+    img = tmp_path / "in.png"
+    write_image(img, photo_crop(32, 40))
+    rc = main(["restore", "--model", str(art), str(img), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "tiny.pt" in err and "corrupt" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "in.png").exists()
