@@ -64,3 +64,26 @@ def test_tur_restore_refuses_bitflipped_export(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "tiny.pt" in err and "corrupt" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "in.png").exists()
+
+
+def _huge_png_header(path, w, h):
+    import struct
+    import zlib as z
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", z.crc32(t + d))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", z.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_huge_png_header_is_an_image_read_error(tmp_path, monkeypatch):
+    from tur_ext.data.io import ImageReadError, read_image
+
+    path = tmp_path / "bomb.png"
+    _huge_png_header(path, 100000, 100000)
+    with pytest.raises(ImageReadError, match=r"bomb\.png.*100000x100000 pixels is over the limit"):
+        read_image(path)
+    monkeypatch.setenv("TUR_MAX_IMAGE_PIXELS", "100")
+    _huge_png_header(path, 20, 20)
+    with pytest.raises(ImageReadError, match="over the limit of 100"):
+        read_image(path)
