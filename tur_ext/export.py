@@ -534,7 +534,10 @@ def load_exported(path: PathLike, *, device: Union[str, torch.device, None] = No
     ``half`` runs in fp16 (CUDA only; AOTInductor packages and traced TorchScript only in the dtype they were
     exported in). Raises :class:`TorchVersionMismatchError` for an AOTInductor package from another torch release.
     """
+    from .integrity import verify_zip
+
     p = Path(path)
+    verify_zip(p, "model")  # bit rot inside a tensor record or the .pt2 library would load and write garbage
     meta = read_metadata(p)
     dev = _device(device if device is not None else meta.get("device", "cpu"))
     dtype = _resolve_dtype(meta, dev, half, p)

@@ -303,6 +303,9 @@ def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], 
     for src in targets.values():
         dst = out / src.name
         restored = restorer.restore_image(read_image(src), tile=tile, overlap=overlap)
+        if not np.isfinite(restored).all():  # a damaged model: never write a silently black image
+            raise FloatingPointError(f"model {restorer.metadata.get('arch')} ({restorer.metadata.get('artifact')}) "
+                                     f"produced non-finite values for {str(src)!r}; nothing written for it")
         write_image(dst, to_file_pixels(restored, output_bit_depth(src, dst)))
         written.append(dst)
         if progress is not None:

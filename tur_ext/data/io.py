@@ -56,10 +56,34 @@ def read_image(path: PathLike) -> np.ndarray:
         raise ImageReadError(path, str(e)) from e
     if buf.size == 0:
         raise ImageReadError(path, "empty file")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    _check_pixel_limit(buf, path)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # e.g. OpenCV's own CV_IO_MAX_IMAGE_PIXELS check: name the file, keep it one line
+        raise ImageReadError(path, " ".join(str(e).split())[-200:]) from None
     if img is None or img.size == 0:
         raise ImageReadError(path, "not a decodable image")
     return _to_float_rgb(img, path)
+
+
+def max_image_pixels() -> int:
+    """The largest width * height read: ``$TUR_MAX_IMAGE_PIXELS``, default 2**30 (OpenCV's CV_IO_MAX_IMAGE_PIXELS)."""
+    value = os.environ.get("TUR_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(value) if value.strip() else 1 << 30
+    except ValueError:
+        raise ValueError(f"TUR_MAX_IMAGE_PIXELS: expected a number of pixels, got {value!r}") from None
+
+
+def _check_pixel_limit(buf: np.ndarray, path: PathLike) -> None:
+    # From the PNG IHDR before decoding, so a decompression bomb is refused without allocating its pixels.
+    head = buf[:24].tobytes()
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        limit = max_image_pixels()
+        if w * h > limit:
+            raise ImageReadError(path, f"{w}x{h} pixels is over the limit of {limit} (set TUR_MAX_IMAGE_PIXELS to "
+                                       f"raise it)")
 
 
 def _to_float_rgb(img: np.ndarray, path: PathLike) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -54,6 +55,16 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     _fsync_dir(path.parent)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable; not every platform can open a directory.
     try:
@@ -73,6 +84,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
+    if zipfile.is_zipfile(path):  # torch.save's format; a CRC check catches bit rot torch.load would accept
+        from ..integrity import verify_zip
+
+        verify_zip(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -111,6 +126,29 @@ class CheckpointManager:
             if m and p.is_file():
                 out.append((int(m.group(1)), p))
         return sorted(out)
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete ``.step_*.pt.tmp.PID`` files left by killed writers (PID no longer running); returns them."""
+        removed = []
+        if not self.folder.is_dir():
+            return removed
+        for p in self.folder.glob(".step_*.pt.tmp.*"):
+            pid = p.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+    def latest_loadable(self, log=print) -> Optional[Path]:
+        """The newest checkpoint that loads, saying which newer (damaged/truncated) ones were skipped."""
+        for _, p in reversed(self.list()):
+            try:
+                load_checkpoint(p)
+                return p
+            except ValueError as exc:
+                log(f"[tur] skipping checkpoint {p}: {exc}")
+        return None
 
     def latest(self) -> Optional[Path]:
         items = self.list()
