@@ -44,7 +44,6 @@ _DEPTHS = (1, 2, 8, 8, 2, 8, 8, 2, 1)
 _HEADS = (1, 2, 4, 8, 16, 16, 8, 4, 2)
 _LEVELS = 4            # encoder layers (and decoder layers); the bottleneck is at 1 / 2**_LEVELS
 _IMG_SIZE = 256        # the released constructor's img_size, which decides where windows shrink (see _window_for)
-_MASK_VALUE = -100.0   # the released shift mask (not -inf: masked pairs keep a weight of exp(-100))
 
 
 def _drop_path_rates(rate: float, n: int) -> List[float]:
@@ -90,7 +89,8 @@ def shift_attention_mask(h: int, w: int, win: int, shift: int, device: torch.dev
 
     The released code labels three bands per axis (the last ``shift`` rows, the ``win - shift`` before them, the rest)
     by slice assignment; the band of row ``i`` is ``(i >= h - win) + (i >= h - shift)``, which needs no loop over
-    slices and keeps ``h`` symbolic under torch.export.
+    slices and keeps ``h`` symbolic under torch.export. -100, not -inf, as released: masked pairs keep a weight of
+    about exp(-100).
     """
     rows = torch.arange(h, device=device)
     cols = torch.arange(w, device=device)
@@ -99,7 +99,7 @@ def shift_attention_mask(h: int, w: int, win: int, shift: int, device: torch.dev
     region = (band_h[:, None] * 3 + band_w[None, :]).to(dtype)
     windows = window_partition(region.reshape(1, h, w, 1), win).reshape(-1, win * win)
     differ = (windows[:, None, :] - windows[:, :, None]) != 0
-    return torch.zeros(differ.shape, device=device, dtype=dtype).masked_fill(differ, _MASK_VALUE)
+    return torch.zeros(differ.shape, device=device, dtype=dtype).masked_fill(differ, -100.0)
 
 
 class _LinearProjection(nn.Module):
@@ -333,6 +333,9 @@ class Uformer(Backbone):
         self.embed_dim = e
         self.win_size = win_size
         self.feature_channels = 2 * e
+        # Windows of win_size at the 1/16 bottleneck: sides are multiples of 16 * win_size, the smallest is one window.
+        self.size_multiple = 2 ** _LEVELS * win_size
+        self.min_size = self.size_multiple
         rate = float(drop_path_rate)
         enc = _drop_path_rates(rate, sum(depths[:_LEVELS]))
         dec = enc[::-1]
