@@ -16,6 +16,7 @@ from .padding import crop_to, pad_to_multiple, padded_size
 from .promptir import PromptIR
 from .registry import ModelSpec, available, build, spec
 from .transweather import TransWeather
+from .uformer import Uformer
 from .value_range import from_model_range, model_ranges, to_model_range
 from .weights import LoadReport, WeightsMismatchError, load_weights, read_state_dict
 
@@ -27,6 +28,7 @@ __all__ = [
     "PromptIR",
     "TransWeather",
     "UncertaintyHead",
+    "Uformer",
     "WeightsMismatchError",
     "attach_uncertainty_head",
     "available",

@@ -13,6 +13,7 @@ from .head import HEAD_INPUTS, Backbone, attach_uncertainty_head
 from .nafnet import NAFNet
 from .promptir import PromptIR
 from .transweather import TransWeather
+from .uformer import Uformer
 
 __all__ = ["ModelSpec", "build", "available", "spec"]
 
@@ -65,6 +66,8 @@ _REGISTRY: Dict[str, ModelSpec] = {
                   "a 3-level NAFNet of width 16 (0.41M parameters) for the quickstart and tests on CPU"),
         ModelSpec("transweather", TransWeather, {},
                   "TransWeather as released (37.8M parameters); H, W multiples of 16, at least 48"),
+        ModelSpec("uformer", Uformer, {},
+                  "MiOIR's Uformer as in Uformer_TUR_7task (50.9M parameters); H, W multiples of 128"),
     )
 }
 
