@@ -6,13 +6,15 @@ Recognised layouts (detected from the file's top-level keys):
   releases, and this package's trainer); ``params_ema`` is preferred when present.
 * ``lightning``: a PyTorch Lightning checkpoint, ``{"state_dict": {"net.<key>": ...}, ...}`` (the PromptIR
   release); only the ``net.`` entries are the network.
-* ``state_dict``: a plain ``{key: tensor}`` mapping.
+* ``state_dict``: a plain ``{key: tensor}`` mapping, in a torch file or a ``.safetensors`` file (recognised from
+  its contents; ``tur export --format safetensors`` writes those).
 
 An architecture whose releases use another key layout than its module maps them in
 :meth:`~tur_ext.models.Backbone.adapt_state_dict`, which runs before keys and shapes are compared.
 
 Key prefixes added by ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
-(``_orig_mod.``) are removed. Files are always read with ``torch.load(..., weights_only=True)``.
+(``_orig_mod.``) are removed. Files are never unpickled with code: torch files are read with
+``torch.load(..., weights_only=True)``, safetensors files with ``safetensors.torch.load_file``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from torch import Tensor, nn
 
 from .head import HEAD_NAME, Backbone, _unwrap
 
-__all__ = ["load_weights", "read_state_dict", "LoadReport", "WeightsMismatchError"]
+__all__ = ["load_weights", "read_state_dict", "read_checkpoint_file", "is_safetensors", "LoadReport",
+           "WeightsMismatchError"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "net."
@@ -97,6 +100,41 @@ def read_state_dict(payload: Mapping[str, Any], source: str = "<state dict>"
     return sd, fmt, tuple(stripped)
 
 
+def is_safetensors(path: Union[str, os.PathLike]) -> bool:
+    """Whether the file at ``path`` is a safetensors file (from its contents: an 8-byte little-endian header length,
+    then the JSON header), whatever its name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def read_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The contents of a weights file without running code from it: safetensors (its tensors) or a torch file read
+    with ``weights_only=True``. Errors name the file and what was expected."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"path: no such checkpoint file: {source}")
+    if is_safetensors(source):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{source}: is a safetensors file; reading it needs the safetensors package "
+                              f"(pip install safetensors)") from None
+        try:
+            return dict(load_file(source, device="cpu"))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError for any malformed file
+            raise ValueError(f"{source}: not a readable safetensors file: {exc}") from exc
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
+                         f"containers are allowed): {exc}") from exc
+    except (RuntimeError, EOFError) as exc:
+        raise ValueError(f"{source}: not a readable torch checkpoint or safetensors file: {exc}") from exc
+
+
 def _listing(title: str, keys: List[str]) -> str:
     shown = ", ".join(keys[:_SHOW])
     more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
@@ -121,15 +159,7 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, An
         source, payload = "<state dict>", path
     elif isinstance(path, (str, os.PathLike)):
         source = os.fspath(path)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"path: no such checkpoint file: {source}")
-        try:
-            payload = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
-                             f"containers are allowed): {exc}") from exc
-        except (RuntimeError, EOFError) as exc:
-            raise ValueError(f"{source}: not a readable torch checkpoint: {exc}") from exc
+        payload = read_checkpoint_file(source)
     else:
         raise TypeError(f"path: expected a file path or a checkpoint dict, got {type(path).__name__}")
 
