@@ -55,6 +55,7 @@ def _export_graph(net: nn.Module, file: Path, example: Tensor, opset: int, expor
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*TorchScript-based ONNX")
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(net, (example,), str(file), dynamo=False, opset_version=opset, input_names=[_INPUT],
                               output_names=[_OUTPUT], dynamic_axes={_INPUT: dynamic, _OUTPUT: dynamic})
