@@ -177,7 +177,7 @@ def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[An
     from .models.weights import is_safetensors
 
     if args.weights is None:
-        raise ValueError(f"{command}: --arch needs --weights FILE")
+        raise ValueError(f"{command}: --arch and --weights go together (--arch needs --weights FILE)")
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: no such file {args.weights!r}")
     tasks = _parse_tasks(getattr(args, "tasks", None)) or []
@@ -203,6 +203,8 @@ def _restorer_for(args: argparse.Namespace) -> Any:
     if args.model is not None and (args.arch is not None or args.weights is not None):
         raise ValueError("restore: give either --model or --arch with --weights, not both")
     if args.model is None and args.weights is None:
+        if args.arch is not None:
+            raise ValueError("restore: --arch and --weights go together (--arch needs --weights FILE)")
         raise ValueError("restore: expected --model FILE, or --arch NAME --weights FILE")
     if args.config and args.arch is None:
         raise ValueError("--config: only with --arch")

@@ -14,13 +14,18 @@ An architecture whose releases use another key layout than its module maps them 
 
 Key prefixes added by ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
 (``_orig_mod.``) are removed. Files are never unpickled with code: torch files are read with
-``torch.load(..., weights_only=True)``, safetensors files with ``safetensors.torch.load_file``.
+``torch.load(..., weights_only=True)``, and where that refuses an object beside the weights (Lightning's
+``hyper_parameters`` as an ``argparse.Namespace``, say) with an unpickler that resolves only tensor rebuilders and
+plain types and turns every other class into inert data (:class:`OpaqueObject`); safetensors files are read with
+``safetensors.torch.load_file``.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
 
 import torch
@@ -110,6 +115,62 @@ def is_safetensors(path: Union[str, os.PathLike]) -> bool:
     return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
 
 
+class OpaqueObject(dict):
+    """What an object of a class the reader does not allow becomes: its constructor arguments (``args``), state
+    (``state``) and items, kept as data. No code of the class is imported or run."""
+
+    qualified_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.args = args
+        self.items_list: List[Any] = []
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:
+        self.items_list.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.items_list.extend(items)
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualified_name}>"
+
+
+_TORCH_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
+_BUILTINS = ("set", "frozenset", "complex", "slice", "bytearray")
+_OPAQUE: Dict[Tuple[str, str], type] = {}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Resolves only tensor rebuilders, dtypes, ``torch.Size``/``torch.device``, ``OrderedDict`` and a few builtin
+    containers; every other global becomes an :class:`OpaqueObject` subclass, so nothing outside that list runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in _TORCH_REBUILDERS:
+            return getattr(torch._utils, name)
+        if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module in ("builtins", "__builtin__") and name in _BUILTINS:
+            return getattr(builtins, name)
+        key = (module, name)
+        if key not in _OPAQUE:
+            _OPAQUE[key] = type(name, (OpaqueObject,), {"qualified_name": f"{module}.{name}"})
+        return _OPAQUE[key]
+
+
+class _DataOnlyPickle:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler is :class:`_DataOnlyUnpickler`."""
+
+    Unpickler = _DataOnlyUnpickler
+    UnpicklingError = pickle.UnpicklingError
+    load = staticmethod(lambda f, **kw: _DataOnlyUnpickler(f, **kw).load())
+
+
 def read_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The contents of a weights file without running code from it: safetensors (its tensors) or a torch file read
     with ``weights_only=True``. Errors name the file and what was expected."""
@@ -129,10 +190,20 @@ def read_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
-                         f"containers are allowed): {exc}") from exc
+        first = exc
     except (RuntimeError, EOFError) as exc:
         raise ValueError(f"{source}: not a readable torch checkpoint or safetensors file: {exc}") from exc
+    # A downloaded checkpoint often carries objects beside its weights (Lightning's hyper_parameters as a Namespace
+    # or AttributeDict, a trainer's config classes). They are kept as inert data rather than refused or imported.
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=False, pickle_module=_DataOnlyPickle)
+    except Exception as exc:  # noqa: BLE001 - report the reason weights_only gave, which names the global
+        raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
+                         f"containers are allowed): {first}") from exc
+    if not isinstance(payload, Mapping) or isinstance(payload, OpaqueObject):
+        raise ValueError(f"{source}: expected a checkpoint dict, got {type(payload).__name__} "
+                         f"({getattr(payload, 'qualified_name', '')})")
+    return dict(payload)
 
 
 def _listing(title: str, keys: List[str]) -> str:
