@@ -173,7 +173,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[Any, List[str]]:
     """The backbone of ``--arch NAME --weights FILE [--config ...]``, or of ``--weights`` alone for a tur_ext
     safetensors export (its header names the architecture), and the task names known for it."""
-    from .export import model_from_weights
+    from .models import build, load_weights
     from .models.weights import is_safetensors
 
     if args.weights is None:
@@ -191,7 +191,10 @@ def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[An
 
         model, file_tasks = model_from_safetensors(args.weights)
         return model, tasks or file_tasks
-    return model_from_weights(args.arch, args.weights, _parse_config(args.config)), tasks
+    model = build(args.arch, **_parse_config(args.config))
+    # Downloaded checkpoints carry trainer objects beside the weights: read those as inert data (no code runs).
+    load_weights(model, args.weights, strict_head=False, inert_objects=True)
+    return model.eval(), tasks
 
 
 def _restorer_for(args: argparse.Namespace) -> Any:

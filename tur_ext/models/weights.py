@@ -171,9 +171,13 @@ class _DataOnlyPickle:
     load = staticmethod(lambda f, **kw: _DataOnlyUnpickler(f, **kw).load())
 
 
-def read_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+def read_checkpoint_file(path: Union[str, os.PathLike], *, inert_objects: bool = False) -> Dict[str, Any]:
     """The contents of a weights file without running code from it: safetensors (its tensors) or a torch file read
-    with ``weights_only=True``. Errors name the file and what was expected."""
+    with ``weights_only=True``. Errors name the file and what was expected.
+
+    A torch file holding other objects beside its tensors is refused, unless ``inert_objects``: then it is read with
+    the data-only unpickler, every such object becoming an :class:`OpaqueObject` (what ``tur restore/export
+    --weights`` do with downloaded checkpoints)."""
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"path: no such checkpoint file: {source}")
@@ -190,8 +194,13 @@ def read_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not inert_objects:
+            raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
+                             f"containers are allowed; inert_objects=True reads other objects as inert data): "
+                             f"{exc}") from exc
         first = exc
-    except (RuntimeError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a corrupt file makes torch's unpickler raise IndexError, KeyError,
+        # UnicodeDecodeError, RuntimeError, EOFError, ... (about 1 random file in 10 is not an UnpicklingError)
         raise ValueError(f"{source}: not a readable torch checkpoint or safetensors file: {exc}") from exc
     # A downloaded checkpoint often carries objects beside its weights (Lightning's hyper_parameters as a Namespace
     # or AttributeDict, a trainer's config classes). They are kept as inert data rather than refused or imported.
@@ -213,14 +222,15 @@ def _listing(title: str, keys: List[str]) -> str:
 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, Any]], *,
-                 strict_head: bool = True) -> LoadReport:
+                 strict_head: bool = True, inert_objects: bool = False) -> LoadReport:
     """Load a checkpoint into ``model`` (in place) and say what was loaded.
 
     ``path`` is a file (any layout of this module's docstring) or an already-loaded checkpoint dict. Every key must
     match the model, with the same shapes; otherwise a :class:`WeightsMismatchError` (a ``ValueError``) lists the
     first missing, unexpected and mismatched keys and names the file. With ``strict_head=False`` the uncertainty head
     is exempt: a head-less checkpoint loads into a model with a head (a warning says the head starts untrained), and
-    a checkpoint's head is dropped when the model has none (to export a TUR-trained backbone).
+    a checkpoint's head is dropped when the model has none (to export a TUR-trained backbone). ``inert_objects``:
+    see :func:`read_checkpoint_file`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -230,7 +240,7 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, An
         source, payload = "<state dict>", path
     elif isinstance(path, (str, os.PathLike)):
         source = os.fspath(path)
-        payload = read_checkpoint_file(source)
+        payload = read_checkpoint_file(source, inert_objects=inert_objects)
     else:
         raise TypeError(f"path: expected a file path or a checkpoint dict, got {type(path).__name__}")
 
