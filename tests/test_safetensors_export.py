@@ -272,18 +272,27 @@ def _run_spandrel(cases, tmp_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("config", [TINY_CONFIG, {}], ids=["width8-2level", "nafnet-tiny"])
-def test_spandrel_loads_our_nafnet_and_matches_tur_restore(tmp_path, config):
-    """spandrel detects our file as NAFNet, rebuilds it from the keys, and its output (8-bit) equals
+#: (registry name, config, spandrel's architecture id, the output convolution to scale down) for every architecture
+#: spandrel knows. Uformer's spandrel code calls einops at run time: its case needs the real einops in the spandrel
+#: folder (``pip install --no-deps --target build/spandrel-env einops``), never in the project's environment.
+SPANDREL_CASES = [
+    pytest.param("nafnet-tiny", TINY_CONFIG, "NAFNet", "ending", id="nafnet-width8-2level"),
+    pytest.param("nafnet-tiny", {}, "NAFNet", "ending", id="nafnet-tiny"),
+]
+
+
+@pytest.mark.parametrize("arch, config, spandrel_id, output_conv", SPANDREL_CASES)
+def test_spandrel_loads_our_file_and_matches_tur_restore(tmp_path, arch, config, spandrel_id, output_conv):
+    """spandrel detects the architecture of our file, rebuilds it from the keys, and its output (8-bit) equals
     `tur restore --model FILE`'s within 1 level in 255 (bit for bit in practice)."""
     path = _spandrel_path()  # skip before any work
-    model = randomised(build("nafnet-tiny", uncertainty=True, **config), seed=3)
+    model = randomised(build(arch, uncertainty=True, **config), seed=3)
     with torch.no_grad():
-        model.ending.weight.mul_(0.1)  # keep the output an image near the input, as a trained model gives
-    out = tmp_path / "nafnet.safetensors"
+        getattr(model, output_conv).weight.mul_(0.1)  # keep the output an image near the input, as trained ones do
+    out = tmp_path / "model.safetensors"
     export_safetensors(model, out, tasks="3task")
     m = model.size_multiple
-    image = photo_crop(8 * m, 12 * m)  # a multiple of the size multiple: spandrel's NAFNet pads with zeros, we reflect
+    image = photo_crop(8 * m, 12 * m)  # a multiple of the size multiple: spandrel pads with zeros, we reflect
     src = tmp_path / "in" / "photo.png"
     src.parent.mkdir()
     write_image(src, image)
@@ -292,7 +301,7 @@ def test_spandrel_loads_our_nafnet_and_matches_tur_restore(tmp_path, config):
     npy = tmp_path / "photo.npy"
     np.save(npy, read_image(src).astype(np.float32))
     found = _run_spandrel([[str(out), str(npy)]], tmp_path)
-    assert found[str(out)] == {"arch": "NAFNet", "scale": 1, "channels": 3}, path
+    assert found[str(out)] == {"arch": spandrel_id, "scale": 1, "channels": 3}, path
     theirs = to_file_pixels(np.load(str(npy) + ".out.npy"), 8).astype(np.int64)
     diff = np.abs(theirs - ours)
     assert diff.max() <= 1, f"spandrel vs tur restore: max {diff.max()} levels, {int((diff > 0).sum())} pixels differ"
