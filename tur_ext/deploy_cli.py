@@ -1,8 +1,10 @@
 """The deployment subcommands of ``tur``: ``export`` and ``restore``.
 
-    tur export CHECKPOINT --format torchscript|aoti --out PATH [--device cpu|cuda] [--half] [--no-ema]
+    tur export CHECKPOINT --format torchscript|aoti|safetensors|onnx --out PATH [--device cpu|cuda] [--half]
     tur export --arch NAME --weights FILE [--config KEY=VALUE ...] [--tasks SET|A,B,..] --format ... --out PATH
+    tur export --weights FILE.safetensors --format ... --out PATH       (a tur_ext safetensors export: no --arch)
     tur restore --model PATH IMAGES... --out DIR [--tile N [--overlap M]] [--device cpu|cuda] [--half]
+    tur restore --arch NAME --weights FILE [--config KEY=VALUE ...] IMAGES... --out DIR [...]
 
 :func:`register` adds both to the ``tur`` parser's subparsers (dispatch through :data:`COMMANDS` or the ``func``
 default each subparser sets); :func:`main` runs them on their own (``python -m tur_ext.deploy_cli export ...``).
@@ -15,9 +17,28 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["COMMANDS", "cmd_export", "cmd_restore", "deploy_demo", "find_runner", "main", "register"]
+__all__ = ["COMMANDS", "EXPORT_FORMATS", "cmd_export", "cmd_restore", "deploy_demo", "exporter_for", "find_runner",
+           "main", "register"]
+
+#: ``tur export --format`` -> (module, exporter function, file suffix).
+EXPORT_FORMATS: Dict[str, Tuple[str, str, str]] = {
+    "torchscript": ("tur_ext.export", "export_torchscript", ".pt"),
+    "aoti": ("tur_ext.export", "export_aoti", ".pt2"),
+    "safetensors": ("tur_ext.export_safetensors", "export_safetensors", ".safetensors"),
+    "onnx": ("tur_ext.export_onnx", "export_onnx", ".onnx"),
+}
+
+
+def exporter_for(fmt: str) -> Callable[..., Any]:
+    """The export function of ``fmt`` (a key of :data:`EXPORT_FORMATS`), imported on demand (onnx is optional)."""
+    import importlib
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    module, name, _ = EXPORT_FORMATS[fmt]
+    return getattr(importlib.import_module(module), name)
 
 
 def _parse_config(items: Sequence[str]) -> Dict[str, Any]:
@@ -48,21 +69,27 @@ def _parse_tasks(value: Optional[str]) -> Optional[List[str]]:
 def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add the ``export`` and ``restore`` subcommands to ``subparsers`` (each sets ``func`` to its command)."""
     e = subparsers.add_parser(
-        "export", help="export a model to TorchScript (.pt) or AOTInductor (.pt2) for deployment",
+        "export", help="export a model to TorchScript (.pt), AOTInductor (.pt2), safetensors or ONNX for deployment",
         description="Export the backbone (uncertainty head stripped, eval mode) with its metadata, after checking "
-                    "that the artifact reproduces the eager model (max abs <= 1e-4 in fp32) at two sizes.")
+                    "that the artifact reproduces the eager model (max abs <= 1e-4 in fp32; safetensors: exactly) "
+                    "at two sizes. safetensors: the weights in the authors' key layout (spandrel, chaiNNer, ComfyUI "
+                    "load them); onnx: opset 18, dynamic batch/H/W, checked in ONNX Runtime.")
     e.add_argument("checkpoint", nargs="?", default=None,
                    help="a tur_ext training checkpoint or run folder (or use --arch and --weights)")
     e.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")
     e.add_argument("--weights", default=None,
-                   help="weights from elsewhere: a state dict, BasicSR (params/params_ema) or Lightning checkpoint")
+                   help="weights from elsewhere: a state dict, BasicSR (params/params_ema) or Lightning checkpoint, "
+                        "or safetensors (a tur_ext safetensors export needs no --arch)")
     e.add_argument("--config", dest="config", action="append", default=[], metavar="KEY=VALUE",
                    help="model configuration override for --arch, e.g. --config width=16 (repeatable)")
     e.add_argument("--tasks", default=None,
                    help="task names the weights were trained on (a set name such as 3task, or a,b,c); "
                         "checkpoints carry their own")
-    e.add_argument("--format", required=True, choices=("torchscript", "aoti"), help="artifact format")
-    e.add_argument("--out", required=True, help="output file (.pt for torchscript, .pt2 for aoti)")
+    e.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS), help="artifact format")
+    e.add_argument("--out", required=True,
+                   help="output file (.pt torchscript, .pt2 aoti, .safetensors safetensors, .onnx onnx)")
+    e.add_argument("--onnx-exporter", default="torchscript", choices=("torchscript", "dynamo"),
+                   help="torch's ONNX exporter for --format onnx (dynamo: slower, via torch.export)")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (AOTInductor packages run only there)")
     e.add_argument("--half", action="store_true", help="export in fp16 (CUDA only)")
     e.add_argument("--no-ema", action="store_true", help="export a checkpoint's params instead of params_ema")
@@ -74,7 +101,15 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     "multiple and cropped back; with --tile they are processed in overlapping tiles blended with "
                     "linear ramps (see tur_ext.inference; the C++ runner tur-restore does exactly the same).")
     r.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, ...; 8- or 16-bit; gray or color)")
-    r.add_argument("--model", required=True, help="a .pt (TorchScript), .pt2 (AOTInductor) or training checkpoint")
+    r.add_argument("--model", default=None,
+                   help="a .pt (TorchScript), .pt2 (AOTInductor), .onnx (ONNX Runtime), tur_ext .safetensors or "
+                        "training checkpoint (or use --arch and --weights)")
+    r.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")
+    r.add_argument("--weights", default=None,
+                   help="published weights: a state dict, BasicSR (params/params_ema), Lightning (PromptIR) "
+                        "checkpoint or safetensors; the uncertainty head, if any, is dropped")
+    r.add_argument("--config", dest="config", action="append", default=[], metavar="KEY=VALUE",
+                   help="model configuration override for --arch, e.g. --config width=16 (repeatable)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--tile", type=int, default=None,
                    help="tile size in pixels (rounded down to the size multiple; 0 or absent: whole image)")
@@ -86,18 +121,15 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_aoti, export_torchscript, model_from_checkpoint, model_from_weights
+    from .export import model_from_checkpoint
 
     from_weights = args.arch is not None or args.weights is not None
     if from_weights and args.checkpoint is not None:
         raise ValueError("export: give either CHECKPOINT or --arch with --weights, not both")
     if from_weights:
-        if args.arch is None or args.weights is None:
-            raise ValueError("export: --arch and --weights go together")
-        if not Path(args.weights).is_file():
-            raise FileNotFoundError(f"--weights: no such file {args.weights!r}")
-        model = model_from_weights(args.arch, args.weights, _parse_config(args.config))
-        tasks = _parse_tasks(args.tasks)
+        model, tasks = _model_from_weights_args(args, "export")
+        if args.tasks is not None:
+            tasks = _parse_tasks(args.tasks)
     else:
         if args.checkpoint is None:
             raise ValueError("export: expected a CHECKPOINT (file or run folder), or --arch NAME --weights FILE")
@@ -106,26 +138,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         model, tasks = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
         if args.tasks is not None:
             tasks = _parse_tasks(args.tasks)
-    exporter = export_torchscript if args.format == "torchscript" else export_aoti
+    exporter = exporter_for(args.format)
+    options = {"exporter": args.onnx_exporter} if args.format == "onnx" else {}
     started = time.perf_counter()
-    result = exporter(model, args.out, tasks=tasks, device=args.device, half=args.half)
+    result = exporter(model, args.out, tasks=tasks, device=args.device, half=args.half, **options)
     meta = result.metadata
     parity = ", ".join(f"{v:.2g} at {k}" for k, v in result.parity.items())
-    print(f"[tur] wrote {result.path} ({args.format}, {meta['arch']}, size multiple {meta['size_multiple']}, "
+    layout = f", {meta['release_layout']} keys" if "release_layout" in meta else ""
+    print(f"[tur] wrote {result.path} ({args.format}, {meta['arch']}{layout}, size multiple {meta['size_multiple']}, "
           f"{meta['dtype']} on {meta['device']}) in {time.perf_counter() - started:.1f} s; "
           f"parity vs eager (max abs): {parity}")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .inference import load_restorer, resolve_tiling, restore_files
+    from .inference import resolve_tiling, restore_files
 
     tile = None if args.tile == 0 else args.tile
     if tile is not None and tile < 0:
         raise ValueError(f"--tile: expected a positive number of pixels (or 0 for none), got {tile}")
     if tile is None and args.overlap is not None:
         raise ValueError("--overlap: only meaningful with --tile")
-    restorer = load_restorer(args.model, device=args.device, half=args.half, use_ema=not args.no_ema)
+    restorer = _restorer_for(args)
     try:
         resolve_tiling(tile, args.overlap, restorer.size_multiple, restorer.min_size)
     except ValueError as exc:
@@ -134,6 +168,65 @@ def cmd_restore(args: argparse.Namespace) -> int:
                             progress=lambda src, dst: print(f"[tur] {src} -> {dst}", flush=True))
     print(f"[tur] restored {len(written)} image(s) into {args.out}")
     return 0
+
+
+def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[Any, List[str]]:
+    """The backbone of ``--arch NAME --weights FILE [--config ...]``, or of ``--weights`` alone for a tur_ext
+    safetensors export (its header names the architecture), and the task names known for it."""
+    from .models import build, load_weights
+    from .models.weights import is_safetensors
+
+    if args.weights is None:
+        raise ValueError(f"{command}: --arch and --weights go together (--arch needs --weights FILE)")
+    if not Path(args.weights).is_file():
+        raise FileNotFoundError(f"--weights: no such file {args.weights!r}")
+    tasks = _parse_tasks(getattr(args, "tasks", None)) or []
+    if args.arch is None:
+        if not is_safetensors(args.weights):
+            raise ValueError(f"--weights: {args.weights!r} is not a tur_ext safetensors export; name its "
+                             f"architecture with --arch NAME (tur_ext.models.available())")
+        if args.config:
+            raise ValueError("--config: only with --arch (a tur_ext safetensors file carries its configuration)")
+        from .export_safetensors import model_from_safetensors
+
+        model, file_tasks = model_from_safetensors(args.weights)
+        return model, tasks or file_tasks
+    model = build(args.arch, **_parse_config(args.config))
+    # Downloaded checkpoints carry trainer objects beside the weights: read those as inert data (no code runs).
+    load_weights(model, args.weights, strict_head=False, inert_objects=True)
+    return model.eval(), tasks
+
+
+def _restorer_for(args: argparse.Namespace) -> Any:
+    """The Restorer of ``tur restore``'s ``--model FILE`` or ``--arch``/``--weights``."""
+    from .export import build_metadata, prepare_for_export
+    from .inference import Restorer, _EagerModel, load_restorer
+    from .models.weights import is_safetensors
+
+    if args.model is not None and (args.arch is not None or args.weights is not None):
+        raise ValueError("restore: give either --model or --arch with --weights, not both")
+    if args.model is None and args.weights is None:
+        if args.arch is not None:
+            raise ValueError("restore: --arch and --weights go together (--arch needs --weights FILE)")
+        raise ValueError("restore: expected --model FILE, or --arch NAME --weights FILE")
+    if args.config and args.arch is None:
+        raise ValueError("--config: only with --arch")
+    path = Path(args.model) if args.model is not None else None
+    if path is not None and path.is_file() and path.suffix.lower() == ".onnx":
+        from .export_onnx import load_onnx
+
+        if args.half or args.device != "cpu":
+            raise ValueError("--device/--half: ONNX models run with ONNX Runtime on the CPU (fp32)")
+        model = load_onnx(path)
+        return Restorer(model, model.metadata, model.device)
+    if path is not None and not (path.is_file() and is_safetensors(path)):
+        return load_restorer(path, device=args.device, half=args.half, use_ema=not args.no_ema)
+    if path is not None:  # a safetensors file given as --model: it must say what it is
+        args = argparse.Namespace(**{**vars(args), "weights": str(path), "arch": None})
+    model, tasks = _model_from_weights_args(args, "restore")
+    net = prepare_for_export(model, device=args.device, half=args.half)
+    return Restorer(_EagerModel(net), build_metadata(net, artifact="eager", tasks=tasks),
+                    next(net.parameters()).device)
 
 
 def find_runner() -> Optional[Path]:

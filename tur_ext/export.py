@@ -75,7 +75,10 @@ PARITY_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 MAX_SIDE = 32768
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 _ARTIFACTS = ("torchscript", "aoti")
-_METADATA_ARTIFACTS = _ARTIFACTS + ("eager",)  # "eager": a checkpoint run in Python, never written
+# --- formats of other modules (deploy): safetensors weights (tur_ext.export_safetensors), ONNX (tur_ext.export_onnx)
+_OTHER_ARTIFACTS = ("safetensors", "onnx")
+# --- end of deploy block
+_METADATA_ARTIFACTS = _ARTIFACTS + ("eager",) + _OTHER_ARTIFACTS  # "eager": a checkpoint run in Python, never written
 
 
 class ExportParityError(ValueError):

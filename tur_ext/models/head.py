@@ -106,6 +106,23 @@ class Backbone(nn.Module):
         """
         return state_dict
 
+    #: What :meth:`release_state_dict` produces: the upstream release whose key layout it follows (safetensors
+    #: exports record it; ``None``: this package's own layout, no upstream release to match).
+    release_layout = None
+
+    @torch.jit.unused
+    def release_state_dict(self) -> Dict[str, Tensor]:
+        """The backbone's weights (uncertainty head excluded) in the key layout its authors release, so that their
+        code and tools that detect architectures from keys (spandrel) load them as they load the release.
+
+        The inverse of :meth:`adapt_state_dict`: ``load_weights`` of the result into a fresh model of the same
+        ``config`` reproduces this model. Tensors are detached, contiguous copies. The default is the module's own
+        state dict without the head; an architecture whose releases differ (extra unused modules, renamed keys)
+        overrides it and sets ``release_layout``.
+        """
+        return {k: v.detach().clone().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith(HEAD_NAME + ".")}
+
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 

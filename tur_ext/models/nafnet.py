@@ -88,6 +88,8 @@ class NAFNet(Backbone):
     (``width`` channels at full resolution), the input of ``ending`` and of the uncertainty head."""
 
     supports_fp16 = True
+    # The module's keys are the release's (release_state_dict is the default): spandrel detects them as NAFNet.
+    release_layout = "NAFNet (megvii-research/NAFNet, BasicSR 'params')"
 
     def __init__(
         self,

@@ -14,7 +14,8 @@ checkpoint contains them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from .head import Backbone
 __all__ = ["PromptIR"]
 
 _LAYERNORM_TYPES = ("WithBias", "BiasFree")
+#: Key prefixes of the modules the release defines but its forward never uses (``include_unused``).
+_UNUSED_MODULES = ("chnl_reduce", "reduce_noise_channel_")
 
 
 class _ChannelLayerNorm(nn.Module):
@@ -273,6 +276,29 @@ class PromptIR(Backbone):
         self.decoder_level1 = _blocks(nb[0], 2 * dim, hd[0], ffn, bias, ln)
         self.refinement = _blocks(num_refinement_blocks, 2 * dim, hd[0], ffn, bias, ln)
         self.output = nn.Conv2d(2 * dim, out_channels, kernel_size=3, padding=1, bias=bias)
+
+    release_layout = "PromptIR (va1shn9v/PromptIR, Lightning 'state_dict' without its 'net.' prefix)"
+
+    @torch.jit.unused
+    def release_state_dict(self) -> Dict[str, Tensor]:
+        """The release's keys, the unused modules included: a model built with ``include_unused=False`` gets them
+        as zeros (its forward never reads them), so that the official ``PromptIR(decoder=True)`` loads strictly."""
+        sd = super().release_state_dict()
+        if not hasattr(self, "chnl_reduce1"):
+            params = inspect.signature(type(self).__init__).parameters
+            config = {k: v for k, v in self.config.items() if k in params}
+            with torch.device("meta"):
+                full = type(self)(**{**config, "include_unused": True})
+            sd.update({k: torch.zeros(v.shape, dtype=next(iter(sd.values())).dtype)
+                       for k, v in full.state_dict().items() if k.startswith(_UNUSED_MODULES)})
+        return sd
+
+    @torch.jit.unused
+    def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """A model built with ``include_unused=False`` drops the release's unused modules."""
+        if hasattr(self, "chnl_reduce1"):
+            return state_dict
+        return {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_MODULES)}
 
     def forward_features(self, x: Tensor) -> Tensor:
         enc1 = self.encoder_level1(self.patch_embed(x))

@@ -58,6 +58,8 @@ __all__ = ["TransWeather"]
 #: Key prefixes of the modules the authors' release holds but its forward never uses.
 UNUSED_RELEASE_MODULES = ("Tenc.mini_patch_embed4.", "convtail.conv_output.")
 
+#: The input range of the authors' weights (their loaders feed Normalize(0.5, 0.5) images).
+_AUTHORS_RANGE = (-1.0, 1.0)
 _EMBED = (64, 128, 320, 512)   # the release; smaller widths only serve tests and CPU work
 _ENC_HEADS = (1, 2, 4, 4)
 _ENC_MLP = (2, 2, 2, 2)
@@ -404,12 +406,37 @@ class TransWeather(Backbone):
         self.input_range_fixed = True
         self.config = {**self.config, "input_range": list(self.input_range)}
 
+    __jit_unused_properties__ = ["release_layout"]  # Python-side only; TorchScript would try to compile it
+
+    @property
+    def release_layout(self) -> str:  # type: ignore[override]
+        if self.input_range == _AUTHORS_RANGE:
+            return "TransWeather (jeya-maria-jose/TransWeather, without the DataParallel 'module.' prefix)"
+        return "TransWeather_TUR (TUR release, BasicSR 'params', head removed)"
+
+    @torch.jit.unused
+    def release_state_dict(self) -> Dict[str, Tensor]:
+        """Weights that take inputs in [-1, 1] in the authors' layout (their two unused modules added as zeros, so
+        that ``Transweather().load_state_dict`` is strict), any other in the TUR release's (the module's own keys).
+        Loading either back sets the same input range (:meth:`adapt_state_dict`)."""
+        sd = super().release_state_dict()
+        if self.input_range != _AUTHORS_RANGE:
+            return sd
+        e0 = self.Tenc.patch_embed1.proj.out_channels
+        e3 = self.Tenc.patch_embed4.proj.out_channels
+        dtype = self.clean.conv2d.weight.dtype
+        shapes = {"Tenc.mini_patch_embed4.proj.weight": (e3, e0, 3, 3), "Tenc.mini_patch_embed4.proj.bias": (e3,),
+                  "Tenc.mini_patch_embed4.norm.weight": (e3,), "Tenc.mini_patch_embed4.norm.bias": (e3,),
+                  "convtail.conv_output.conv2d.weight": (3, 8, 3, 3), "convtail.conv_output.conv2d.bias": (3,)}
+        sd.update({k: torch.zeros(shape, dtype=dtype) for k, shape in shapes.items()})
+        return sd
+
     @torch.jit.unused
     def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Drop the release's unused modules; weights in the authors' layout (they have those modules) set the input
         range to [-1, 1] unless the model was built with an explicit ``input_range``."""
         unused = [k for k in state_dict if k.startswith(UNUSED_RELEASE_MODULES)]
-        authors = (-1.0, 1.0)
+        authors = _AUTHORS_RANGE
         if unused and not self.input_range_fixed:
             self.set_input_range(authors)
         elif unused and self.input_range != authors:

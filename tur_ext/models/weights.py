@@ -6,19 +6,26 @@ Recognised layouts (detected from the file's top-level keys):
   releases, and this package's trainer); ``params_ema`` is preferred when present.
 * ``lightning``: a PyTorch Lightning checkpoint, ``{"state_dict": {"net.<key>": ...}, ...}`` (the PromptIR
   release); only the ``net.`` entries are the network.
-* ``state_dict``: a plain ``{key: tensor}`` mapping.
+* ``state_dict``: a plain ``{key: tensor}`` mapping, in a torch file or a ``.safetensors`` file (recognised from
+  its contents; ``tur export --format safetensors`` writes those).
 
 An architecture whose releases use another key layout than its module maps them in
 :meth:`~tur_ext.models.Backbone.adapt_state_dict`, which runs before keys and shapes are compared.
 
 Key prefixes added by ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
-(``_orig_mod.``) are removed. Files are always read with ``torch.load(..., weights_only=True)``.
+(``_orig_mod.``) are removed. Files are never unpickled with code: torch files are read with
+``torch.load(..., weights_only=True)``, and where that refuses an object beside the weights (Lightning's
+``hyper_parameters`` as an ``argparse.Namespace``, say) with an unpickler that resolves only tensor rebuilders and
+plain types and turns every other class into inert data (:class:`OpaqueObject`); safetensors files are read with
+``safetensors.torch.load_file``.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
 
 import torch
@@ -26,7 +33,8 @@ from torch import Tensor, nn
 
 from .head import HEAD_NAME, Backbone, _unwrap
 
-__all__ = ["load_weights", "read_state_dict", "LoadReport", "WeightsMismatchError"]
+__all__ = ["load_weights", "read_state_dict", "read_checkpoint_file", "is_safetensors", "LoadReport",
+           "WeightsMismatchError"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "net."
@@ -97,6 +105,116 @@ def read_state_dict(payload: Mapping[str, Any], source: str = "<state dict>"
     return sd, fmt, tuple(stripped)
 
 
+def is_safetensors(path: Union[str, os.PathLike]) -> bool:
+    """Whether the file at ``path`` is a safetensors file (from its contents: an 8-byte little-endian header length,
+    then the JSON header), whatever its name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+class OpaqueObject(dict):
+    """What an object of a class the reader does not allow becomes: its constructor arguments (``args``), state
+    (``state``) and items, kept as data. No code of the class is imported or run."""
+
+    qualified_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.args = args
+        self.items_list: List[Any] = []
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:
+        self.items_list.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.items_list.extend(items)
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualified_name}>"
+
+
+_TORCH_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
+_BUILTINS = ("set", "frozenset", "complex", "slice", "bytearray")
+_OPAQUE: Dict[Tuple[str, str], type] = {}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Resolves only tensor rebuilders, dtypes, ``torch.Size``/``torch.device``, ``OrderedDict`` and a few builtin
+    containers; every other global becomes an :class:`OpaqueObject` subclass, so nothing outside that list runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in _TORCH_REBUILDERS:
+            return getattr(torch._utils, name)
+        if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module in ("builtins", "__builtin__") and name in _BUILTINS:
+            return getattr(builtins, name)
+        key = (module, name)
+        if key not in _OPAQUE:
+            _OPAQUE[key] = type(name, (OpaqueObject,), {"qualified_name": f"{module}.{name}"})
+        return _OPAQUE[key]
+
+
+class _DataOnlyPickle:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler is :class:`_DataOnlyUnpickler`."""
+
+    Unpickler = _DataOnlyUnpickler
+    UnpicklingError = pickle.UnpicklingError
+    load = staticmethod(lambda f, **kw: _DataOnlyUnpickler(f, **kw).load())
+
+
+def read_checkpoint_file(path: Union[str, os.PathLike], *, inert_objects: bool = False) -> Dict[str, Any]:
+    """The contents of a weights file without running code from it: safetensors (its tensors) or a torch file read
+    with ``weights_only=True``. Errors name the file and what was expected.
+
+    A torch file holding other objects beside its tensors is refused, unless ``inert_objects``: then it is read with
+    the data-only unpickler, every such object becoming an :class:`OpaqueObject` (what ``tur restore/export
+    --weights`` do with downloaded checkpoints)."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"path: no such checkpoint file: {source}")
+    if is_safetensors(source):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{source}: is a safetensors file; reading it needs the safetensors package "
+                              f"(pip install safetensors)") from None
+        try:
+            return dict(load_file(source, device="cpu"))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError for any malformed file
+            raise ValueError(f"{source}: not a readable safetensors file: {exc}") from exc
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not inert_objects:
+            raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
+                             f"containers are allowed; inert_objects=True reads other objects as inert data): "
+                             f"{exc}") from exc
+        first = exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt file makes torch's unpickler raise IndexError, KeyError,
+        # UnicodeDecodeError, RuntimeError, EOFError, ... (about 1 random file in 10 is not an UnpicklingError)
+        raise ValueError(f"{source}: not a readable torch checkpoint or safetensors file: {exc}") from exc
+    # A downloaded checkpoint often carries objects beside its weights (Lightning's hyper_parameters as a Namespace
+    # or AttributeDict, a trainer's config classes). They are kept as inert data rather than refused or imported.
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=False, pickle_module=_DataOnlyPickle)
+    except Exception as exc:  # noqa: BLE001 - report the reason weights_only gave, which names the global
+        raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
+                         f"containers are allowed): {first}") from exc
+    if not isinstance(payload, Mapping) or isinstance(payload, OpaqueObject):
+        raise ValueError(f"{source}: expected a checkpoint dict, got {type(payload).__name__} "
+                         f"({getattr(payload, 'qualified_name', '')})")
+    return dict(payload)
+
+
 def _listing(title: str, keys: List[str]) -> str:
     shown = ", ".join(keys[:_SHOW])
     more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
@@ -104,14 +222,15 @@ def _listing(title: str, keys: List[str]) -> str:
 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, Any]], *,
-                 strict_head: bool = True) -> LoadReport:
+                 strict_head: bool = True, inert_objects: bool = False) -> LoadReport:
     """Load a checkpoint into ``model`` (in place) and say what was loaded.
 
     ``path`` is a file (any layout of this module's docstring) or an already-loaded checkpoint dict. Every key must
     match the model, with the same shapes; otherwise a :class:`WeightsMismatchError` (a ``ValueError``) lists the
     first missing, unexpected and mismatched keys and names the file. With ``strict_head=False`` the uncertainty head
     is exempt: a head-less checkpoint loads into a model with a head (a warning says the head starts untrained), and
-    a checkpoint's head is dropped when the model has none (to export a TUR-trained backbone).
+    a checkpoint's head is dropped when the model has none (to export a TUR-trained backbone). ``inert_objects``:
+    see :func:`read_checkpoint_file`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -121,15 +240,7 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, An
         source, payload = "<state dict>", path
     elif isinstance(path, (str, os.PathLike)):
         source = os.fspath(path)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"path: no such checkpoint file: {source}")
-        try:
-            payload = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
-                             f"containers are allowed): {exc}") from exc
-        except (RuntimeError, EOFError) as exc:
-            raise ValueError(f"{source}: not a readable torch checkpoint: {exc}") from exc
+        payload = read_checkpoint_file(source, inert_objects=inert_objects)
     else:
         raise TypeError(f"path: expected a file path or a checkpoint dict, got {type(path).__name__}")
 
