@@ -10,6 +10,7 @@
 Registered names: see :func:`available`; each model has ``arch``, ``config``, ``size_multiple``, ``min_size``,
 ``input_range``/``output_range`` and ``supports_fp16``, and :func:`spec` gives the size facts without building one.
 """
+from .airnet import AirNet
 from .head import Backbone, UncertaintyHead, attach_uncertainty_head, strip_uncertainty
 from .nafnet import NAFNet
 from .padding import crop_to, pad_to_multiple, padded_size
@@ -21,6 +22,7 @@ from .value_range import from_model_range, model_ranges, to_model_range
 from .weights import LoadReport, WeightsMismatchError, load_weights, read_state_dict
 
 __all__ = [
+    "AirNet",
     "Backbone",
     "LoadReport",
     "ModelSpec",

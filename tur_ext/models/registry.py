@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
+from .airnet import AirNet
 from .head import HEAD_INPUTS, Backbone, attach_uncertainty_head
 from .nafnet import NAFNet
 from .promptir import PromptIR
@@ -55,6 +56,7 @@ _NAFNET_W32 = dict(width=32, enc_blocks=(2, 2, 4, 8), middle_blocks=12, dec_bloc
 _REGISTRY: Dict[str, ModelSpec] = {
     entry.name: entry
     for entry in (
+        ModelSpec("airnet", AirNet, {}, "AirNet as released (8.93M parameters with its MoCo key encoder); any H, W"),
         ModelSpec("promptir", PromptIR, {},
                   "PromptIR with decoder prompts; defaults are the released all-in-one model (35.6M parameters)"),
         ModelSpec("nafnet", NAFNet, _NAFNET_W32,

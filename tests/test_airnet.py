@@ -1,0 +1,265 @@
+"""AirNet and AirNet-TUR: both released layouts against the fixtures made from the authors' and the TUR code, the
+size rule, the encoder modes (MoCo, frozen) and their training, and deployment (TorchScript, AOTInductor, runner).
+
+The fixtures live beside the checkout (``../shared/fixtures/airnet*_official.json``); the tests that need them skip
+where they are absent.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import tur_ext.ops
+from tur_ext.models import AirNet, build, load_weights, spec, strip_uncertainty
+from tur_ext.models.weights import WeightsMismatchError
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+OFFICIAL = FIXTURES / "airnet_official.json"
+TUR = FIXTURES / "airnet_tur_official.json"
+needs_fixtures = pytest.mark.skipif(not (OFFICIAL.is_file() and TUR.is_file()),
+                                    reason=f"AirNet fixtures not found in {FIXTURES}")
+
+#: A small AirNet (same blocks, one group of one block, 8 features) for the tests that do not compare with a release.
+SMALL = dict(features=8, groups=1, blocks=1, queue_size=16)
+RELEASE_HEAD = "R.var_conv."
+# Until branch dcn (the DCNv2 op) is merged, the forward tests have no op to call.
+needs_dcn = pytest.mark.skipif(not hasattr(tur_ext.ops, "deform_conv2d"),
+                               reason="tur_ext.ops.deform_conv2d is not in this build (branch dcn)")
+
+
+def deterministic_weights(layout: dict) -> dict:
+    """The weights the fixtures' ``about`` describes, from a {key: shape} layout (keys in sorted order; integer
+    buffers are left out, as the recipe leaves them as constructed)."""
+    g = torch.Generator().manual_seed(1234)
+    out = {}
+    for key in sorted(layout):
+        shape = list(layout[key])
+        if key.endswith(("num_batches_tracked", "queue_ptr")):
+            continue
+        if (len(shape) == 1 and key.endswith("weight")) or "temperature" in key or key.endswith("running_var"):
+            out[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif "conv_offset_mask" in key:
+            out[key] = 0.5 * torch.randn(shape, generator=g)
+        else:
+            out[key] = 0.03 * torch.randn(shape, generator=g)
+    return out
+
+
+def release_checkpoint(fx: dict) -> dict:
+    """A full state dict in a release's layout: the recipe's float tensors, the integer buffers as constructed."""
+    weights = deterministic_weights(fx["state_dict"])
+    for key, shape in fx["state_dict"].items():
+        if key not in weights:
+            weights[key] = torch.zeros(shape, dtype=torch.long)
+    return {k: weights[k] for k in fx["state_dict"]}
+
+
+def small_model(uncertainty: bool = False, seed: int = 0, **config) -> AirNet:
+    """The small model with the fixtures' weight recipe (so offsets of pixels and masks far from 0.5)."""
+    torch.manual_seed(seed)
+    model = build("airnet", uncertainty=uncertainty, **{**SMALL, **config})
+    sd = model.state_dict()
+    sd.update(deterministic_weights({k: v.shape for k, v in sd.items()}))
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def official() -> dict:
+    with open(OFFICIAL, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def tur() -> dict:
+    with open(TUR, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def fixture_input(fx: dict) -> torch.Tensor:
+    return torch.rand(fx["input_shape"], generator=torch.Generator().manual_seed(fx["input_seed"]))
+
+
+def max_err(got: torch.Tensor, flat: list) -> float:
+    return (got - torch.tensor(flat, dtype=torch.float32).reshape(got.shape)).abs().max().item()
+
+
+def _release_layout(model: torch.nn.Module) -> dict:
+    return {(RELEASE_HEAD + k[len("var_conv."):] if k.startswith("var_conv.") else k): list(v.shape)
+            for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------- the two releases
+
+@needs_fixtures
+def test_layouts_and_parameter_counts_of_both_releases(official, tur):
+    with torch.device("meta"):
+        plain, with_head = build("airnet"), build("airnet", uncertainty=True)
+    layout = _release_layout(plain)
+    assert list(layout) == list(official["state_dict"]) and layout == official["state_dict"]
+    assert layout["E.E.queue"] == [256, 1280]  # AirNet: batch size 5 x 256
+    # The TUR release: the same keys plus R.var_conv (ours at the end, as every backbone's head), queue width 8192.
+    tur_layout = _release_layout(with_head)
+    assert set(tur_layout) == set(tur["state_dict"])
+    assert {k: v for k, v in tur_layout.items() if k != "E.E.queue"} == \
+        {k: v for k, v in tur["state_dict"].items() if k != "E.E.queue"}
+    assert tur["state_dict"]["E.E.queue"] == [256, 8192]
+    n_plain, n_head = (sum(p.numel() for p in m.parameters()) for m in (plain, with_head))
+    assert n_plain == official["num_params"] == 8_930_313
+    assert n_head == tur["num_params"] == 9_005_900 and n_head - n_plain == tur["num_params_head"] == 75_587
+    s = spec("airnet")
+    assert (s.size_multiple, s.min_size) == (1, 1)
+
+
+@needs_dcn
+@needs_fixtures
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_authors_release_reproduces_the_authors_forward(official, tmp_path, prefix):
+    """ckpt/All.pth's layout, a plain state dict (``module.`` when saved from DataParallel), reproduces the
+    authors' ``model(x_query=x, x_key=x)``."""
+    ckpt = {prefix + k: v for k, v in release_checkpoint(official).items()}
+    path = tmp_path / "All.pth"
+    torch.save(ckpt, path)
+    model = build("airnet").eval()
+    report = load_weights(model, path)
+    assert report.format == "state_dict" and report.prefixes_stripped == ((prefix,) if prefix else ())
+    assert report.num_loaded == len(official["state_dict"])
+    with torch.no_grad():
+        out = model(fixture_input(official))
+    assert out.shape == tuple(official["output_shape"])
+    assert max_err(out, official["expected_output"]) <= 1e-4
+
+
+@needs_dcn
+@needs_fixtures
+def test_tur_release_reproduces_image_and_uncertainty(tur, tmp_path):
+    """BasicSR {"params", "params_ema"} (EMA preferred), head under R.var_conv, a queue of the file's width: image
+    and uncertainty as the TUR code computes them. Without a head (export), the head is dropped, the image kept."""
+    from tur_ext.export import model_from_weights
+
+    weights = release_checkpoint(tur)
+    stale = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in weights.items()}
+    path = tmp_path / "AirNet_TUR_3task.pth"
+    torch.save({"params": stale, "params_ema": weights}, path)
+    model = build("airnet", uncertainty=True).eval()
+    report = load_weights(model, path)
+    assert report.format == "basicsr:params_ema" and report.num_loaded == len(tur["state_dict"])
+    assert model.E.E.queue.shape == (256, 8192) and model.config["queue_size"] == 8192
+    assert torch.equal(model.E.E.queue, weights["E.E.queue"])
+    assert torch.equal(model.var_conv[4].weight, weights["R.var_conv.4.weight"])
+    x = fixture_input(tur)
+    with torch.no_grad():
+        image, unc = model(x)
+        plain = model_from_weights("airnet", path)(x)
+    assert max_err(image, tur["expected_output"]) <= 1e-4
+    assert max_err(unc, tur["expected_uncertainty"]) <= 1e-4
+    assert (unc > 0).all() and (plain - image).abs().max().item() == 0.0
+    # The rebuilt architecture (checkpoints, exports) carries the file's queue width.
+    with torch.device("meta"):
+        assert build("airnet", **{k: v for k, v in model.config.items() if k != "uncertainty"}).E.E.queue.shape \
+            == (256, 8192)
+
+
+def test_bad_files_and_configs_give_clear_errors(tmp_path):
+    model = build("airnet", **SMALL)
+    sd = model.state_dict()
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        load_weights(model, tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth: cannot be read with torch.load"):
+        load_weights(model, junk)
+    wrong_dim = {**sd, "E.E.queue": torch.zeros(7, 16)}  # the key dim is the encoder's (4 x features), not the file's
+    with pytest.raises(WeightsMismatchError, match=r"shape mismatches \(1\): E\.E\.queue \(7, 16\) vs model \(32, 16\)"):
+        load_weights(model, wrong_dim)
+    partial = {k: v for k, v in sd.items() if not k.startswith("E.E.encoder_k.")}
+    with pytest.raises(WeightsMismatchError, match=r"missing keys \(\d+\): E\.E\.encoder_k\."):
+        load_weights(model, partial)
+    release_head = {**sd, **{RELEASE_HEAD + k: v for k, v in
+                             build("airnet", uncertainty=True, **SMALL).var_conv.state_dict().items()}}
+    with pytest.raises(WeightsMismatchError, match="only the uncertainty head differs: pass strict_head=False"):
+        load_weights(model, release_head)
+    assert load_weights(model, release_head, strict_head=False).dropped_head_keys[0] == "var_conv.0.weight"
+    for bad, match in ((dict(encoder="trained"), r"encoder: expected one of \['moco', 'frozen'\]"),
+                       (dict(features=0), "features: expected a positive int"),
+                       (dict(queue_size=1.5), "queue_size: expected a positive int")):
+        with pytest.raises(ValueError, match=match):
+            build("airnet", **bad)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 3, H, W\)"):
+        model(torch.rand(1, 4, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+@needs_dcn
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 3, 1, 7), (1, 3, 5, 3), (1, 3, 13, 22)])
+def test_any_size_and_batch_consistency(shape):
+    """Any H, W >= 1; each image's result does not depend on the others in the batch (eval BatchNorm)."""
+    model = small_model(uncertainty=True)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    with torch.no_grad():
+        image, unc = model(x)
+        first, _ = model(x[:1])
+    assert image.shape == unc.shape == shape and torch.isfinite(image).all() and (unc > 0).all()
+    assert (image[:1] - first).abs().max().item() <= 1e-5
+    assert image.std().item() > 0 if math.prod(shape[2:]) > 1 else True
+
+
+@needs_dcn
+def test_dcn_offsets_come_from_conv_offset_mask_in_the_authors_order():
+    """The DCN layer hands channels 0..17 of conv_offset_mask to the op as interleaved (dy, dx) offsets and the
+    sigmoid of 18..26 as the mask: with a conv_offset_mask that only has a bias, dy = 1 at every kernel point and
+    mask logits of 0 (0.5), the layer is half a conv of the image shifted up by one row."""
+    import torch.nn.functional as F
+
+    layer = small_model().R.body[0].body[0].dgm1.dcn
+    with torch.no_grad():
+        layer.conv_offset_mask.weight.zero_()
+        layer.conv_offset_mask.bias.zero_()
+        layer.conv_offset_mask.bias[0:18:2] = 1.0
+        x, inter = torch.rand(1, 8, 6, 9), torch.rand(1, 8, 6, 9)
+        got = layer(x, inter)
+    expected = 0.5 * F.conv2d(F.pad(x, (1, 1, 0, 2)), layer.weight)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ encoder modes
+
+@needs_dcn
+def test_moco_training_forward_updates_keys_and_queue():
+    model = small_model(encoder="moco").train()
+    x, key = torch.rand(4, 3, 12, 12), torch.rand(4, 3, 9, 9)
+    q0, k0 = model.E.E.queue.clone(), model.E.E.encoder_k.E_pre.backbone[0].weight.clone()
+    wq = model.E.E.encoder_q.E_pre.backbone[0].weight.detach().clone()
+    image = model(x, key)
+    logits, labels = model.pop_contrastive()
+    assert model.pop_contrastive() is None
+    assert image.shape == x.shape and logits.shape == (4, 1 + 16) and labels.tolist() == [0] * 4
+    assert int(model.E.E.queue_ptr) == 4 and not torch.equal(model.E.E.queue[:, :4], q0[:, :4])
+    assert torch.equal(model.E.E.queue[:, 4:], q0[:, 4:])
+    assert torch.allclose(model.E.E.encoder_k.E_pre.backbone[0].weight, 0.999 * k0 + 0.001 * wq, atol=1e-7)
+    assert not torch.equal(k0, wq)  # the recipe gives the two encoders different weights: the update is visible
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert model.E.E.encoder_q.mlp[0].weight.grad is not None
+    assert all(p.grad is None for p in model.E.E.encoder_k.parameters())
+    with pytest.raises(ValueError, match="x_key: the queue width 16 must be a multiple of the batch size, got 3"):
+        model(x[:3], key[:3])
+
+
+@needs_dcn
+def test_frozen_encoder_stays_fixed_in_training():
+    model = small_model(uncertainty=True, encoder="frozen").train()
+    assert model.training and not model.E.training and not model.E.E.encoder_q.E_pre.backbone[1].training
+    assert all(not p.requires_grad for p in model.E.parameters())
+    stats = model.E.E.encoder_q.E_pre.backbone[1].running_mean.clone()
+    image, unc = model(torch.rand(2, 3, 10, 10), torch.rand(2, 3, 8, 8))  # no MoCo step in frozen mode
+    assert model.pop_contrastive() is None
+    (image.mean() + unc.mean()).backward()
+    assert torch.equal(model.E.E.encoder_q.E_pre.backbone[1].running_mean, stats)
+    assert model.R.head[0].weight.grad is not None and model.var_conv[0].weight.grad is not None
+    plain = strip_uncertainty(model)
+    assert plain.encoder_mode == "frozen" and not plain.E.training
