@@ -6,7 +6,8 @@ PYTHON := $(VENV)/bin/python
 # A system torch (a GPU box's CUDA build) is visible inside the venv, so it is used rather than replaced.
 VENV_FLAGS ?= --system-site-packages
 DEPS := numpy opencv-python-headless pybind11 ninja pytest pytest-benchmark PyYAML tqdm matplotlib \
-        scikit-image tensorboard 'setuptools>=77' wheel
+        scikit-image tensorboard 'setuptools>=77' wheel \
+        safetensors onnx onnxscript onnxruntime
 CSRC := $(shell find csrc -type f)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90

@@ -261,7 +261,7 @@ def test_cli_export_errors(tmp_path, capsys):
         (["export", "--arch", "nafnet-tiny", "--format", "aoti", "--out", "m.pt2"], 1, "--arch and --weights"),
         (["export", "--arch", "nafnet-tiny", "--weights", str(tmp_path / "none.pth"), "--format", "aoti",
           "--out", "m.pt2"], 1, "--weights: no such file"),
-        (["export", str(tmp_path / "ckpt.pt"), "--format", "onnx", "--out", "m.onnx"], 2, "invalid choice"),
+        (["export", str(tmp_path / "ckpt.pt"), "--format", "tflite", "--out", "m.onnx"], 2, "invalid choice"),
         (["export", str(tmp_path / "ckpt.pt"), "--format", "aoti", "--out", str(tmp_path / "m.pt")], 1,
          r"must end in .pt2"),
     ]
