@@ -16,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -25,18 +27,59 @@
 namespace tur {
 namespace {
 
-// One sampling tap at (offset group, kernel point, output position): the 4 corner indices into a channel plane
-// and their bilinear weights (0 for a corner outside the image or a tap out of range), and what the offset
-// gradient needs: the fractional parts, the mask and which corners exist.
+// Where tap k of offset group g samples at output position (ho, wo): the 4 corner indices into a channel plane
+// and their bilinear weights (0, index 0, for a corner outside the image; all 0 for a tap out of range), plus what
+// the offset gradient needs: the fractional parts, the mask and which corners exist.
 template <typename T>
-struct Tap {
-  int64_t idx[4];
+struct TapInfo {
+  int32_t idx[4];
   T cw[4];
   T lh, lw, m;
   unsigned valid;  // bit q: corner q inside the image (and the tap in range)
 };
 
-constexpr int64_t kChunk = 256;  // positions per offset-gradient task
+template <typename T>
+inline TapInfo<T> tap_info(const DcnShape& s, const T* offset, const T* mask, int64_t g, int64_t k, int64_t ho,
+                           int64_t wo) {
+  const int64_t kk = s.kh * s.kw, P = s.Ho * s.Wo, p = ho * s.Wo + wo, i = k / s.kw, j = k % s.kw;
+  const T h = static_cast<T>(ho * s.sh - s.ph + i * s.dh) + offset[((g * kk + k) * 2) * P + p];
+  const T w = static_cast<T>(wo * s.sw - s.pw + j * s.dw) + offset[((g * kk + k) * 2 + 1) * P + p];
+  TapInfo<T> t;
+  t.m = mask != nullptr ? mask[(g * kk + k) * P + p] : T(1);
+  t.valid = 0;
+  t.lh = t.lw = T(0);
+  for (int q = 0; q < 4; ++q) {
+    t.idx[q] = 0;
+    t.cw[q] = T(0);
+  }
+  if (!(h > -1 && h < s.H && w > -1 && w < s.W)) return t;  // also false for NaN
+  const T h0 = std::floor(h), w0 = std::floor(w);
+  const int64_t y0 = static_cast<int64_t>(h0), x0 = static_cast<int64_t>(w0);
+  const T lh = h - h0, lw = w - w0, hh = T(1) - lh, hw = T(1) - lw;
+  t.lh = lh;
+  t.lw = lw;
+  const T wts[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
+  for (int q = 0; q < 4; ++q) {
+    const int64_t y = y0 + (q >> 1), x = x0 + (q & 1);
+    if (y >= 0 && y < s.H && x >= 0 && x < s.W) {
+      t.valid |= 1u << q;
+      t.idx[q] = static_cast<int32_t>(y * s.W + x);  // H*W < 2^31 is checked
+      t.cw[q] = wts[q];
+    }
+  }
+  return t;
+}
+
+// The compact form im2col and col2im stream through (32 bytes in float32): corner weights times the mask.
+template <typename T>
+struct Tap {
+  int32_t idx[4];
+  T w[4];
+};
+
+// Positions per task. Within a task the chunk's taps (8 KiB) stay in L1 while every channel of the offset group
+// runs over them: the table is read once per group instead of once per channel.
+constexpr int64_t kChunk = 256;
 
 template <typename T>
 void build_taps(const DcnShape& s, const T* offset, const T* mask, std::vector<Tap<T>>& taps) {
@@ -44,82 +87,65 @@ void build_taps(const DcnShape& s, const T* offset, const T* mask, std::vector<T
   taps.resize(static_cast<size_t>(OG * kk * P));
   at::parallel_for(0, OG * kk * s.Ho, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t ho = r % s.Ho, gk = r / s.Ho, k = gk % kk, g = gk / kk;
-      const int64_t i = k / s.kw, j = k % s.kw;
-      const T* dy = offset + ((g * kk + k) * 2) * P + ho * s.Wo;
-      const T* dx = dy + P;
-      const T* mk = mask != nullptr ? mask + (g * kk + k) * P + ho * s.Wo : nullptr;
+      const int64_t ho = r % s.Ho, gk = r / s.Ho;
       Tap<T>* t = taps.data() + gk * P + ho * s.Wo;
-      const T base_h = static_cast<T>(ho * s.sh - s.ph + i * s.dh);
       for (int64_t wo = 0; wo < s.Wo; ++wo) {
-        Tap<T>& tp = t[wo];
-        const T h = base_h + dy[wo];
-        const T w = static_cast<T>(wo * s.sw - s.pw + j * s.dw) + dx[wo];
-        tp.m = mk != nullptr ? mk[wo] : T(1);
-        tp.valid = 0;
+        const TapInfo<T> info = tap_info(s, offset, mask, gk / kk, gk % kk, ho, wo);
         for (int q = 0; q < 4; ++q) {
-          tp.idx[q] = 0;
-          tp.cw[q] = T(0);
-        }
-        tp.lh = tp.lw = T(0);
-        if (!(h > -1 && h < s.H && w > -1 && w < s.W)) continue;  // also false for NaN
-        const T h0 = std::floor(h), w0 = std::floor(w);
-        const int64_t y0 = static_cast<int64_t>(h0), x0 = static_cast<int64_t>(w0);
-        const T lh = h - h0, lw = w - w0, hh = T(1) - lh, hw = T(1) - lw;
-        tp.lh = lh;
-        tp.lw = lw;
-        const T wts[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
-        for (int q = 0; q < 4; ++q) {
-          const int64_t y = y0 + (q >> 1), x = x0 + (q & 1);
-          if (y >= 0 && y < s.H && x >= 0 && x < s.W) {
-            tp.valid |= 1u << q;
-            tp.idx[q] = y * s.W + x;
-            tp.cw[q] = wts[q];
-          }
+          t[wo].idx[q] = info.idx[q];
+          t[wo].w[q] = info.cw[q] * info.m;
         }
       }
     }
   });
 }
 
-// columns (C*K, P): row c*K + k holds the masked samples of channel c at tap k.
+// columns (C*K, P): row c*K + k holds the masked samples of channel c at tap k. Tasks are (offset group, tap,
+// chunk of positions); each writes its own part of the group's rows.
 template <typename T>
 void im2col(const DcnShape& s, const T* input, const std::vector<Tap<T>>& taps, T* cols) {
   const int64_t kk = s.kh * s.kw, P = s.Ho * s.Wo, cpg = s.C / s.offset_groups, HW = s.H * s.W;
-  at::parallel_for(0, s.C * kk, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r / kk, k = r % kk;
-      const T* plane = input + c * HW;
-      const Tap<T>* t = taps.data() + ((c / cpg) * kk + k) * P;
-      T* out = cols + r * P;
-      for (int64_t p = 0; p < P; ++p) {
-        const Tap<T>& tp = t[p];
-        const T v = tp.cw[0] * plane[tp.idx[0]] + tp.cw[1] * plane[tp.idx[1]] + tp.cw[2] * plane[tp.idx[2]] +
-                    tp.cw[3] * plane[tp.idx[3]];
-        out[p] = tp.m * v;
+  const int64_t nch = (P + kChunk - 1) / kChunk;
+  at::parallel_for(0, s.offset_groups * kk * nch, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t ch = task % nch, gk = task / nch, k = gk % kk, g = gk / kk;
+      const int64_t p0 = ch * kChunk, n = std::min(kChunk, P - p0);
+      const Tap<T>* t = taps.data() + gk * P + p0;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const T* plane = input + c * HW;
+        T* out = cols + (c * kk + k) * P + p0;
+        for (int64_t p = 0; p < n; ++p) {
+          const Tap<T>& tp = t[p];
+          out[p] = tp.w[0] * plane[tp.idx[0]] + tp.w[1] * plane[tp.idx[1]] + tp.w[2] * plane[tp.idx[2]] +
+                   tp.w[3] * plane[tp.idx[3]];
+        }
       }
     }
   });
 }
 
-// Input gradient of one image: each task owns whole channel planes and scatters into them in tap order.
+// Input gradient of one image: each task owns a range of channel planes and scatters into them, every plane in
+// the same order (tap, then position), whatever the range.
 template <typename T>
 void col2im(const DcnShape& s, const T* grad_cols, const std::vector<Tap<T>>& taps, T* grad_input) {
   const int64_t kk = s.kh * s.kw, P = s.Ho * s.Wo, cpg = s.C / s.offset_groups, HW = s.H * s.W;
   at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      T* plane = grad_input + c * HW;
-      std::fill(plane, plane + HW, T(0));
-      for (int64_t k = 0; k < kk; ++k) {
-        const Tap<T>* t = taps.data() + ((c / cpg) * kk + k) * P;
-        const T* g = grad_cols + (c * kk + k) * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const Tap<T>& tp = t[p];
-          const T gm = g[p] * tp.m;
-          plane[tp.idx[0]] += tp.cw[0] * gm;
-          plane[tp.idx[1]] += tp.cw[1] * gm;
-          plane[tp.idx[2]] += tp.cw[2] * gm;
-          plane[tp.idx[3]] += tp.cw[3] * gm;
+    std::fill(grad_input + c0 * HW, grad_input + c1 * HW, T(0));
+    for (int64_t k = 0; k < kk; ++k) {
+      for (int64_t p0 = 0; p0 < P; p0 += kChunk) {
+        const int64_t n = std::min(kChunk, P - p0);
+        for (int64_t c = c0; c < c1; ++c) {
+          T* plane = grad_input + c * HW;
+          const Tap<T>* t = taps.data() + ((c / cpg) * kk + k) * P + p0;
+          const T* g = grad_cols + (c * kk + k) * P + p0;
+          for (int64_t p = 0; p < n; ++p) {
+            const Tap<T>& tp = t[p];
+            const T gv = g[p];
+            plane[tp.idx[0]] += tp.w[0] * gv;
+            plane[tp.idx[1]] += tp.w[1] * gv;
+            plane[tp.idx[2]] += tp.w[2] * gv;
+            plane[tp.idx[3]] += tp.w[3] * gv;
+          }
         }
       }
     }
@@ -131,26 +157,28 @@ void col2im(const DcnShape& s, const T* grad_cols, const std::vector<Tap<T>>& ta
 //   d/dm = sum_c g * bilinear(v),
 // so per position it is enough to sum s_q = sum_c g v_q over the group's channels (sequentially, in order).
 template <typename T>
-void offset_mask_grad(const DcnShape& s, const T* input, const T* grad_cols, const std::vector<Tap<T>>& taps,
+void offset_mask_grad(const DcnShape& s, const T* input, const T* offset, const T* mask, const T* grad_cols,
                       T* grad_offset, T* grad_mask) {
   const int64_t kk = s.kh * s.kw, P = s.Ho * s.Wo, OG = s.offset_groups, cpg = s.C / OG, HW = s.H * s.W;
   const int64_t nch = (P + kChunk - 1) / kChunk;
   at::parallel_for(0, OG * kk * nch, 1, [&](int64_t t0, int64_t t1) {
-    T acc[4][kChunk];
+    std::vector<TapInfo<T>> info(kChunk);
+    std::vector<T> acc(4 * kChunk);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t ch = task % nch, gk = task / nch, k = gk % kk, g = gk / kk;
       const int64_t p0 = ch * kChunk, n = std::min(kChunk, P - p0);
-      const Tap<T>* t = taps.data() + gk * P + p0;
-      for (int q = 0; q < 4; ++q) std::fill(acc[q], acc[q] + n, T(0));
+      for (int64_t p = 0; p < n; ++p) info[p] = tap_info(s, offset, mask, g, k, (p0 + p) / s.Wo, (p0 + p) % s.Wo);
+      std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const T* plane = input + c * HW;
         const T* gc = grad_cols + (c * kk + k) * P + p0;
         for (int64_t p = 0; p < n; ++p) {
-          const Tap<T>& tp = t[p];
+          const TapInfo<T>& tp = info[p];
           const T gv = gc[p];
+          T* a = acc.data() + 4 * p;
           for (int q = 0; q < 4; ++q) {
             const T v = (tp.valid >> q) & 1u ? plane[tp.idx[q]] : T(0);
-            acc[q][p] += gv * v;
+            a[q] += gv * v;
           }
         }
       }
@@ -159,12 +187,12 @@ void offset_mask_grad(const DcnShape& s, const T* input, const T* grad_cols, con
       T* gm = grad_mask != nullptr ? grad_mask + (g * kk + k) * P + p0 : nullptr;
       // A tap out of range has lh = lw = 0 and no valid corner, so all three gradients come out 0.
       for (int64_t p = 0; p < n; ++p) {
-        const Tap<T>& tp = t[p];
+        const TapInfo<T>& tp = info[p];
         const T lh = tp.lh, lw = tp.lw, hh = T(1) - lh, hw = T(1) - lw;
-        const T s0 = acc[0][p], s1 = acc[1][p], s2 = acc[2][p], s3 = acc[3][p];
-        gy[p] = tp.m * (hw * (s2 - s0) + lw * (s3 - s1));
-        gx[p] = tp.m * (hh * (s1 - s0) + lh * (s3 - s2));
-        if (gm != nullptr) gm[p] = hh * hw * s0 + hh * lw * s1 + lh * hw * s2 + lh * lw * s3;
+        const T* a = acc.data() + 4 * p;
+        gy[p] = tp.m * (hw * (a[2] - a[0]) + lw * (a[3] - a[1]));
+        gx[p] = tp.m * (hh * (a[1] - a[0]) + lh * (a[3] - a[2]));
+        if (gm != nullptr) gm[p] = hh * hw * a[0] + hh * lw * a[1] + lh * hw * a[2] + lh * lw * a[3];
       }
     }
   });
@@ -240,7 +268,8 @@ DcnGrads deform_conv2d_backward_cpu(const at::Tensor& grad_out_, const at::Tenso
           grad_weight[g].addmm_(gb[g], cols.narrow(0, g * cg_rows, cg_rows).t());
         }
         col2im(s, grad_cols.const_data_ptr<scalar_t>(), taps, grad_input[b].mutable_data_ptr<scalar_t>());
-        offset_mask_grad(s, input[b].const_data_ptr<scalar_t>(), grad_cols.const_data_ptr<scalar_t>(), taps,
+        offset_mask_grad(s, input[b].const_data_ptr<scalar_t>(), offset[b].const_data_ptr<scalar_t>(),
+                         s.has_mask ? mask[b].const_data_ptr<scalar_t>() : nullptr, grad_cols.const_data_ptr<scalar_t>(),
                          grad_offset[b].mutable_data_ptr<scalar_t>(),
                          s.has_mask ? grad_mask[b].mutable_data_ptr<scalar_t>() : nullptr);
       }
