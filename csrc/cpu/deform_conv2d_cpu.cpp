@@ -156,30 +156,39 @@ void col2im(const DcnShape& s, const T* grad_cols, const std::vector<Tap<T>>& ta
 //   d/dy = m * sum_c g (hw (v2 - v0) + lw (v3 - v1)),  d/dx = m * sum_c g (hh (v1 - v0) + lh (v3 - v2)),
 //   d/dm = sum_c g * bilinear(v),
 // so per position it is enough to sum s_q = sum_c g v_q over the group's channels (sequentially, in order).
+// The same corner reads also give the columns (cols, as im2col writes them) that the weight gradient needs.
 template <typename T>
 void offset_mask_grad(const DcnShape& s, const T* input, const T* offset, const T* mask, const T* grad_cols,
-                      T* grad_offset, T* grad_mask) {
+                      T* grad_offset, T* grad_mask, T* cols) {
   const int64_t kk = s.kh * s.kw, P = s.Ho * s.Wo, OG = s.offset_groups, cpg = s.C / OG, HW = s.H * s.W;
   const int64_t nch = (P + kChunk - 1) / kChunk;
   at::parallel_for(0, OG * kk * nch, 1, [&](int64_t t0, int64_t t1) {
     std::vector<TapInfo<T>> info(kChunk);
-    std::vector<T> acc(4 * kChunk);
+    std::vector<T> acc(4 * kChunk), wm(4 * kChunk), vf(4 * kChunk);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t ch = task % nch, gk = task / nch, k = gk % kk, g = gk / kk;
       const int64_t p0 = ch * kChunk, n = std::min(kChunk, P - p0);
-      for (int64_t p = 0; p < n; ++p) info[p] = tap_info(s, offset, mask, g, k, (p0 + p) / s.Wo, (p0 + p) % s.Wo);
+      for (int64_t p = 0; p < n; ++p) {
+        info[p] = tap_info(s, offset, mask, g, k, (p0 + p) / s.Wo, (p0 + p) % s.Wo);
+        for (int q = 0; q < 4; ++q) {
+          wm[4 * p + q] = info[p].cw[q] * info[p].m;  // as build_taps, so the columns match the forward's bits
+          vf[4 * p + q] = (info[p].valid >> q) & 1u ? T(1) : T(0);
+        }
+      }
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const T* plane = input + c * HW;
         const T* gc = grad_cols + (c * kk + k) * P + p0;
+        T* col = cols + (c * kk + k) * P + p0;
         for (int64_t p = 0; p < n; ++p) {
           const TapInfo<T>& tp = info[p];
           const T gv = gc[p];
+          const T r[4] = {plane[tp.idx[0]], plane[tp.idx[1]], plane[tp.idx[2]], plane[tp.idx[3]]};
+          const T* w = wm.data() + 4 * p;
+          const T* f = vf.data() + 4 * p;
+          col[p] = w[0] * r[0] + w[1] * r[1] + w[2] * r[2] + w[3] * r[3];
           T* a = acc.data() + 4 * p;
-          for (int q = 0; q < 4; ++q) {
-            const T v = (tp.valid >> q) & 1u ? plane[tp.idx[q]] : T(0);
-            a[q] += gv * v;
-          }
+          for (int q = 0; q < 4; ++q) a[q] += gv * (f[q] * r[q]);
         }
       }
       T* gy = grad_offset + ((g * kk + k) * 2) * P + p0;
@@ -260,18 +269,22 @@ DcnGrads deform_conv2d_backward_cpu(const at::Tensor& grad_out_, const at::Tenso
       for (int64_t b = 0; b < s.B; ++b) {
         build_taps(s, offset[b].const_data_ptr<scalar_t>(), s.has_mask ? mask[b].const_data_ptr<scalar_t>() : nullptr,
                    taps);
-        im2col(s, input[b].const_data_ptr<scalar_t>(), taps, cols.mutable_data_ptr<scalar_t>());
         const at::Tensor gb = grad_out[b].view({G, og, P});
         for (int64_t g = 0; g < G; ++g) {
           at::Tensor gc = grad_cols.narrow(0, g * cg_rows, cg_rows);
           at::mm_out(gc, w2[g].t(), gb[g]);
-          grad_weight[g].addmm_(gb[g], cols.narrow(0, g * cg_rows, cg_rows).t());
         }
-        col2im(s, grad_cols.const_data_ptr<scalar_t>(), taps, grad_input[b].mutable_data_ptr<scalar_t>());
+        // One pass over the corners gives both the columns (again, bit-identical to the forward's) and the
+        // offset/mask gradients; the weight gradient needs the columns, so it comes after.
         offset_mask_grad(s, input[b].const_data_ptr<scalar_t>(), offset[b].const_data_ptr<scalar_t>(),
                          s.has_mask ? mask[b].const_data_ptr<scalar_t>() : nullptr, grad_cols.const_data_ptr<scalar_t>(),
                          grad_offset[b].mutable_data_ptr<scalar_t>(),
-                         s.has_mask ? grad_mask[b].mutable_data_ptr<scalar_t>() : nullptr);
+                         s.has_mask ? grad_mask[b].mutable_data_ptr<scalar_t>() : nullptr,
+                         cols.mutable_data_ptr<scalar_t>());
+        for (int64_t g = 0; g < G; ++g) {
+          grad_weight[g].addmm_(gb[g], cols.narrow(0, g * cg_rows, cg_rows).t());
+        }
+        col2im(s, grad_cols.const_data_ptr<scalar_t>(), taps, grad_input[b].mutable_data_ptr<scalar_t>());
       }
       // Bias gradient: per output channel, images then positions in order, accumulated in double.
       const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
