@@ -3,6 +3,7 @@ values and the five gradients over shapes, strides, dilations, groups, offset gr
 gradcheck, opcheck, low-precision tolerances, thread-count independence, bad inputs, torch.compile and export."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -87,7 +88,6 @@ def test_far_offsets_leave_taps_outside():
     """The far-offset case really exercises out-of-range taps: many sampled positions fall outside the image and
     the op still matches the reference there (gradients of those taps are 0)."""
     case = make_case(offset_scale=6.0, H=5, W=6)
-    kh = kw = 3
     Ho, Wo = case["offset"].shape[2:]
     base_h = torch.arange(Ho).double()[:, None] - 1
     dy = case["offset"][:, 0::2][:, :1]
@@ -101,7 +101,48 @@ def test_far_offsets_leave_taps_outside():
     assert torch.equal(out, case["bias"].view(1, -1, 1, 1).expand_as(out))
     assert torch.count_nonzero(grads["offset"]) == 0 and torch.count_nonzero(grads["mask"]) == 0
     assert torch.count_nonzero(grads["input"]) == 0
-    assert kh * kw == 9
+
+
+def _bilinear(plane, h, w):
+    H, W = plane.shape
+    if h <= -1 or h >= H or w <= -1 or w >= W:
+        return 0.0
+    h0, w0 = math.floor(h), math.floor(w)
+    lh, lw = h - h0, w - w0
+    v = 0.0
+    for dy, dx, wt in ((0, 0, (1 - lh) * (1 - lw)), (0, 1, (1 - lh) * lw), (1, 0, lh * (1 - lw)), (1, 1, lh * lw)):
+        y, x = h0 + dy, w0 + dx
+        if 0 <= y < H and 0 <= x < W:
+            v += wt * float(plane[y, x])
+    return v
+
+
+def test_reference_against_naive_loops():
+    """The reference itself against the definition written out element by element (the issue's channel layout)."""
+    case = make_case(B=1, C=4, Cout=4, groups=2, og=2, H=4, W=5, stride=(1, 2), dilation=(2, 1), padding=(2, 1),
+                     offset_scale=2.0)
+    x, o, w, b, m = (case[k] for k in TENSORS)
+    out = reference_dcn(x, o, w, b, (1, 2), (2, 1), (2, 1), mask=m)
+    Cout, cg, kh, kw = w.shape
+    cpg = x.shape[1] // 2
+    for co in range(Cout):
+        g = co // (Cout // 2)
+        for ho in range(out.shape[2]):
+            for wo in range(out.shape[3]):
+                acc = float(b[co])
+                for ci in range(cg):
+                    c = g * cg + ci
+                    og = c // cpg
+                    for i in range(kh):
+                        for j in range(kw):
+                            k = i * kw + j
+                            dy = float(o[0, og * 2 * kh * kw + 2 * k, ho, wo])
+                            dx = float(o[0, og * 2 * kh * kw + 2 * k + 1, ho, wo])
+                            h = ho * 1 - 2 + i * 2 + dy
+                            ww = wo * 2 - 1 + j * 1 + dx
+                            acc += float(w[co, ci, i, j]) * float(m[0, og * kh * kw + k, ho, wo]) * _bilinear(
+                                x[0, c], h, ww)
+                assert abs(float(out[0, co, ho, wo]) - acc) < 1e-12
 
 
 def test_matches_conv2d_with_zero_offsets():
