@@ -440,6 +440,15 @@ torch::ScalarType resolve_dtype(const Metadata& m, const torch::Device& device, 
   return half ? torch::kHalf : torch::kFloat;
 }
 
+// Module::to(dtype) would also cast integer buffers (index tables such as Uformer's relative position index);
+// like Python's nn.Module.to, only floating-point tensors change dtype.
+void cast_floating(torch::jit::Module& module, torch::ScalarType dtype) {
+  for (const auto& p : module.named_parameters(/*recurse=*/true))
+    if (p.value.is_floating_point() && p.value.scalar_type() != dtype) p.value.set_data(p.value.to(dtype));
+  for (const auto& b : module.named_buffers(/*recurse=*/true))
+    if (b.value.is_floating_point() && b.value.scalar_type() != dtype) b.value.set_data(b.value.to(dtype));
+}
+
 class Model {
  public:
   Model(const std::string& path, const Metadata& meta, const torch::Device& device, torch::ScalarType dtype)
@@ -454,7 +463,7 @@ class Model {
       } else {
         module_ = torch::jit::load(path, device);
         module_.eval();
-        module_.to(dtype);
+        cast_floating(module_, dtype);
       }
     } catch (const c10::Error& e) {
       fail(kModelError, model_error_prefix(path) + "cannot load: " + first_line(e.what_without_backtrace()));

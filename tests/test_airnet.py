@@ -263,3 +263,110 @@ def test_frozen_encoder_stays_fixed_in_training():
     assert model.R.head[0].weight.grad is not None and model.var_conv[0].weight.grad is not None
     plain = strip_uncertainty(model)
     assert plain.encoder_mode == "frozen" and not plain.E.training
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_recipe_is_airnets_published_3task_setting():
+    from tur_ext.tasks import TaskSet
+    from tur_ext.train.config import load_config
+    from tur_ext.train.schedule import piecewise_factor
+
+    cfg = load_config(CONFIGS / "airnet_3task.yaml")
+    assert cfg["model"]["name"] == "airnet" and cfg["model"]["encoder"] == "moco" and cfg["loss"]["name"] == "tur"
+    assert list(TaskSet(cfg["tasks"])) == ["denoise_15", "denoise_25", "denoise_50", "derain", "dehaze"]
+    assert cfg["data"]["patch_size"] == 128 and cfg["data"]["batch_size"] == 5 and cfg["model"]["queue_size"] == 1280
+    assert cfg["optim"]["name"] == "adam" and cfg["optim"]["lr"] == 1e-3 and cfg["optim"]["weight_decay"] == 0.0
+    t, s = cfg["train"], cfg["schedule"]
+    assert (t["epochs"], t["encoder_pretrain"], t["contrastive_weight"]) == (1000, 100, 0.1)
+
+    def airnet_lr(epoch: int) -> float:
+        """train.py: the lr of epoch `epoch`, set at the end of the one before."""
+        if epoch == 0:
+            return 1e-3
+        e = epoch - 1
+        return 1e-3 * 0.1 ** (e // 60) if e <= 100 else 1e-4 * 0.5 ** ((e - 100) // 125)
+
+    for epoch in range(1000):
+        ours = cfg["optim"]["lr"] * piecewise_factor(epoch, s["milestones"], s["factors"])
+        assert math.isclose(ours, airnet_lr(epoch), rel_tol=1e-12), epoch
+
+
+def test_piecewise_schedule_errors_name_the_key():
+    from tur_ext.train.config import ConfigError, load_config
+
+    base = {"train": {"steps": 4}, "schedule": {"name": "piecewise", "milestones": [2, 3], "factors": [0.5, 0.25]}}
+    assert load_config(raw=base)["schedule"]["milestones"] == [2, 3]
+    for sched, match in (({"milestones": [3, 2]}, "schedule.milestones.*strictly increasing"),
+                         ({"factors": [0.5]}, r"schedule.factors.*one positive lr factor per milestone \(2\)"),
+                         ({"name": "cosine"}, "apply to schedule.name 'piecewise' only")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(raw={**base, "schedule": {**base["schedule"], **sched}})
+
+
+def _train(tmp_path: Path, name: str, steps: int, model: dict, train: dict = None) -> "object":
+    from tur_ext.train import Trainer
+    from tur_ext.train.config import load_config
+
+    raw = {"name": name, "seed": 0, "output_dir": str(tmp_path / name), "tasks": "3task",
+           "model": {"name": "airnet", **SMALL, "queue_size": 10, **model},
+           "loss": {"name": "tur"},
+           "optim": {"name": "adam", "lr": 1e-3},
+           "data": {"type": "embedded", "patch_size": 16, "length": 5, "batch_size": 5, "eval_batch_size": 5},
+           "train": {"steps": steps, "progress": False, "tensorboard": False, "validate": False, "log_every": 1,
+                     **(train or {})}}
+    trainer = Trainer(load_config(raw=raw))
+    with trainer:
+        trainer.train()
+    return trainer
+
+
+@needs_dcn
+def test_short_moco_training_runs_both_stages(tmp_path):
+    """AirNet's training: one step of the encoder alone (the restorer does not move), then a joint step; the MoCo
+    loss is logged and the queue fills."""
+    import csv
+
+    tr = _train(tmp_path, "moco", 2, {"encoder": "moco"}, {"encoder_pretrain": 1, "ema_decay": 0.0})
+    assert tr.step == 2 and tr.moco and tr.encoder_pretrain_steps == 1
+    rows = list(csv.DictReader(open(tmp_path / "moco" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["contrastive"]) > 0 for r in rows)
+    assert int(tr.model.E.E.queue_ptr) == 0  # 2 batches of 5 keys went into a queue of 10
+    assert tr.model.config["encoder"] == "moco"
+
+
+@needs_dcn
+def test_encoder_stage_leaves_the_restorer_unchanged(tmp_path):
+    """The first stage trains the encoder only: the restorer and the head end as they were built (the trainer
+    seeds the run with seed 0 before building the model)."""
+    from tur_ext import models
+
+    tr = _train(tmp_path, "stage1", 1, {"encoder": "moco"}, {"encoder_pretrain": 1})
+    torch.manual_seed(0)
+    init = models.build("airnet", uncertainty=True, **{**SMALL, "queue_size": 10})
+    assert torch.equal(tr.model.R.head[0].weight, init.R.head[0].weight)
+    assert torch.equal(tr.model.var_conv[0].weight, init.var_conv[0].weight)
+    assert not torch.equal(tr.model.E.E.encoder_q.mlp[0].weight, init.E.E.encoder_q.mlp[0].weight)
+
+
+@needs_dcn
+def test_short_frozen_training_from_released_weights(tmp_path):
+    """TUR's setting: the encoder comes from a file (here a plain state dict, as ckpt/All.pth) and stays fixed;
+    the restorer and the head train."""
+    init = small_model(queue_size=10)
+    path = tmp_path / "All.pth"
+    torch.save(init.state_dict(), path)
+    tr = _train(tmp_path, "frozen", 2, {"encoder": "frozen", "pretrained": str(path)})
+    assert not tr.moco and tr.step == 2
+    assert tr.pretrained.missing_head_keys  # the file has no uncertainty head: it starts fresh
+    for k, v in init.E.state_dict().items():
+        assert torch.equal(tr.model.E.state_dict()[k], v), k  # parameters and BatchNorm statistics alike
+    assert not torch.equal(tr.model.R.head[0].weight, init.R.head[0].weight)
+    with pytest.raises(ValueError, match="train.encoder_pretrain: only a model with a contrastive encoder"):
+        _train(tmp_path, "bad", 1, {"encoder": "frozen"}, {"encoder_pretrain": 1})
+    with pytest.raises(ValueError, match="model.queue_size: the MoCo queue width 12 must be a multiple of the "
+                                         "batch per forward 5"):
+        _train(tmp_path, "bad2", 1, {"encoder": "moco", "queue_size": 12})

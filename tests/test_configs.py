@@ -79,8 +79,8 @@ def _run(config: str, out: Path, *overrides: str) -> Path:
 def test_every_recipe_is_listed_and_valid():
     # Study configs are not training recipes; tests/test_study.py validates them.
     names = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("study_"))
-    assert names == ["nafnet_7task.yaml", "promptir_3task.yaml", "promptir_3task_finetune.yaml", "promptir_5task.yaml",
-                     "quickstart.yaml",
+    assert names == ["airnet_3task.yaml", "nafnet_7task.yaml", "promptir_3task.yaml", "promptir_3task_finetune.yaml",
+                     "promptir_5task.yaml", "quickstart.yaml",
                      "transweather_5task.yaml", "transweather_allweather.yaml", "transweather_real.yaml",
                      "uformer_7task.yaml"]
     for n in names:
@@ -93,7 +93,7 @@ def test_promptir_3task_is_the_published_recipe():
     assert cfg["data"]["patch_size"] == 128 and cfg["data"]["batch_size"] == 32
     assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["lr"] == 2e-4
     assert cfg["schedule"] == {"name": "cosine", "unit": "epochs", "warmup": 15, "cosine_end": 150, "min_lr": 0.0,
-                               "periods": None, "restart_weights": None}
+                               "periods": None, "restart_weights": None, "milestones": None, "factors": None}
     assert cfg["train"]["epochs"] == 120 and cfg["train"]["steps"] is None
 
 

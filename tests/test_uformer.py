@@ -322,8 +322,6 @@ def test_torchscript_export_scripts_and_restores_like_eager(released_export):
 
 
 @needs_runner
-@pytest.mark.xfail(strict=True, reason="the C++ runner fails in the TorchScript interpreter on the Uformer export "
-                                        "(open: issue 11's runner item)")
 def test_runner_and_tur_restore_on_the_released_layout(released_export, tmp_path):
     _, folder = released_export
     photos = _photos(tmp_path)

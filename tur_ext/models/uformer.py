@@ -139,8 +139,8 @@ class _WindowAttention(nn.Module):
         bw, n, c = x.shape
         q, k, v = self.qkv(x)
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        # `.long()`: libtorch's Module::to(dtype) (the C++ runner casts a TorchScript module to its run dtype) also
-        # casts integer buffers, unlike Python's; a no-op for the int64 buffer.
+        # `.long()`: libtorch's Module::to(dtype), unlike Python's, also casts integer buffers; a TorchScript file
+        # cast that way in someone's C++ code still indexes. A no-op for the int64 buffer.
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1).long()]
         attn = attn + bias.reshape(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:

@@ -99,8 +99,9 @@ SCHEMA = Section({
                          doc="learning rate of the loss's own parameters (uw); default optim.lr"),
     }),
     "schedule": Section({
-        "name": Field((str,), "cosine", choices=("cosine", "cosine_restarts"),
-                      doc="cosine: warmup then one half cosine; cosine_restarts: BasicSR's CosineAnnealingRestartLR"),
+        "name": Field((str,), "cosine", choices=("cosine", "cosine_restarts", "piecewise"),
+                      doc="cosine: warmup then one half cosine; cosine_restarts: BasicSR's CosineAnnealingRestartLR; "
+                          "piecewise: constant lr factors from milestones on (AirNet's step decays)"),
         "unit": Field((str,), "steps", choices=("steps", "epochs")),
         "warmup": Field((int, float), 0, check=_non_negative, doc="linear warmup length, in schedule.unit"),
         "cosine_end": Field((int, float, None), None, check=_positive,
@@ -108,6 +109,8 @@ SCHEMA = Section({
         "min_lr": Field((float,), 0.0, check=_non_negative, doc="lr at the end of each cosine (eta_min)"),
         "periods": Field((list, None), None, doc="cosine_restarts: cycle lengths, in schedule.unit"),
         "restart_weights": Field((list, None), None, doc="cosine_restarts: lr weight at each cycle start (default 1)"),
+        "milestones": Field((list, None), None, doc="piecewise: where each lr factor starts, in schedule.unit"),
+        "factors": Field((list, None), None, doc="piecewise: the lr factor (of optim.lr) from each milestone on"),
     }),
     "train": Section({
         "steps": Field((int, None), None, check=_positive, doc="training length in optimizer steps"),
@@ -135,6 +138,15 @@ SCHEMA = Section({
         "val_task_metrics": Field((dict, None), None,
                                   doc="per-task overrides {task: {convention, crop_border, y_channel}}"),
         "threads": Field((int, None), None, check=_positive, doc="torch CPU threads (null: torch's default)"),
+        # AirNet with model.encoder=moco (its own training; see tur_ext.models.airnet): the MoCo loss of the encoder.
+        "contrastive_weight": Field((float,), 0.1, check=_non_negative,
+                                    doc="moco encoder: weight of the contrastive loss beside the restoration loss"),
+        "encoder_pretrain": Field((int, float), 0, check=_non_negative,
+                                  doc="moco encoder: length of the first stage, the encoder alone with the "
+                                      "contrastive loss (weight 1), in schedule.unit"),
+        "key_crop": Field((float,), 0.75, check=lambda v: None if 0 < v <= 1 else "expected in (0, 1]",
+                          doc="moco encoder: side of the key view (a random crop of each training patch), as a "
+                              "fraction of the patch side"),
     }),
 })
 
@@ -347,7 +359,17 @@ def _validate_schedule(s: dict) -> None:
             check_restarts(s["periods"], s["restart_weights"], integer=s["unit"] == "steps")
         except ValueError as e:
             raise ConfigError(f"config key {str(e).split(':')[0]!r}:{str(e).split(':', 1)[1]}") from None
-    elif s["periods"] is not None or s["restart_weights"] is not None:
+    if s["name"] == "piecewise":
+        from .schedule import check_piecewise
+
+        try:
+            check_piecewise(s["milestones"], s["factors"], integer=s["unit"] == "steps")
+        except ValueError as e:
+            raise ConfigError(f"config key {str(e).split(':')[0]!r}:{str(e).split(':', 1)[1]}") from None
+    elif s["milestones"] is not None or s["factors"] is not None:
+        raise ConfigError("config keys 'schedule.milestones' / 'schedule.factors' apply to schedule.name "
+                          f"'piecewise' only (schedule.name is {s['name']!r})")
+    if s["name"] != "cosine_restarts" and (s["periods"] is not None or s["restart_weights"] is not None):
         raise ConfigError("config keys 'schedule.periods' / 'schedule.restart_weights' apply to "
                           f"schedule.name 'cosine_restarts' only (schedule.name is {s['name']!r})")
 

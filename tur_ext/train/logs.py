@@ -107,8 +107,9 @@ class TensorBoardLog:
             self.writer = None
 
 
-def train_columns(tasks: Iterable[str]) -> list[str]:
-    cols = ["step", "epoch", "lr", "images_per_s", "loss", "l1"]
+def train_columns(tasks: Iterable[str], contrastive: bool = False) -> list[str]:
+    """The log.csv columns; ``contrastive``: the MoCo loss of an AirNet encoder as well."""
+    cols = ["step", "epoch", "lr", "images_per_s", "loss", "l1"] + (["contrastive"] if contrastive else [])
     for t in tasks:
         cols += [f"loss/{t}", f"l1/{t}", f"uncertainty/{t}", f"weight/{t}"]
     return cols

@@ -17,7 +17,7 @@ import torch
 #: ``optim.name`` values and the torch optimizer each builds.
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 #: ``schedule.name`` values.
-SCHEDULES = ("cosine", "cosine_restarts")
+SCHEDULES = ("cosine", "cosine_restarts", "piecewise")
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, cosine_steps: int, min_factor: float = 0.0,
@@ -61,6 +61,30 @@ def cosine_restart_factor(step: int, periods: Sequence[int], restart_weights: Se
     start = ends[i - 1] if i else 0
     t = (step - start) / periods[i]
     return min_factor + restart_weights[i] * (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def piecewise_factor(step: int, milestones: Sequence[int], factors: Sequence[float]) -> float:
+    """The multiplier of the base lr at 0-based ``step`` under a piecewise-constant schedule: 1 before
+    ``milestones[0]``, ``factors[i]`` from ``milestones[i]`` on (AirNet's step decays, written out)."""
+    if step < 0:
+        raise ValueError(f"step: expected >= 0, got {step}")
+    i = bisect.bisect_right(list(milestones), step)
+    return 1.0 if i == 0 else float(factors[i - 1])
+
+
+def check_piecewise(milestones: Sequence, factors: Sequence, *, integer: bool = True) -> None:
+    """ValueError unless ``milestones`` increase strictly (ints if ``integer``: step counts) and ``factors`` are
+    positive numbers, one per milestone."""
+    kinds = (int,) if integer else (int, float)
+    if (not isinstance(milestones, (list, tuple)) or not milestones
+            or any(isinstance(m, bool) or not isinstance(m, kinds) or m <= 0 for m in milestones)
+            or any(b <= a for a, b in zip(milestones, milestones[1:]))):
+        raise ValueError(f"schedule.milestones: expected a non-empty, strictly increasing list of positive "
+                         f"{'integers' if integer else 'numbers'}, got {milestones!r}")
+    if (not isinstance(factors, (list, tuple)) or len(factors) != len(milestones)
+            or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors)):
+        raise ValueError(f"schedule.factors: expected one positive lr factor per milestone ({len(milestones)}), "
+                         f"got {factors!r}")
 
 
 def _cumulative(periods: Sequence[int]) -> list[int]:
@@ -173,6 +197,19 @@ class CosineRestartSchedule(_FactorSchedule):
                                      self.min_lr_ratio, self.warmup_steps)
 
 
+class PiecewiseSchedule(_FactorSchedule):
+    """``base_lr * piecewise_factor(step)`` for every param group."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, milestones: Sequence[int], factors: Sequence[float]):
+        check_piecewise(milestones, factors)
+        self.milestones = [int(m) for m in milestones]
+        self.factors = [float(f) for f in factors]
+        super().__init__(optimizer)
+
+    def factor(self, step: int | None = None) -> float:
+        return piecewise_factor(self.step_count if step is None else step, self.milestones, self.factors)
+
+
 def build_optimizer(groups: Iterable[dict], optim: Mapping) -> torch.optim.Optimizer:
     """The optimizer of a validated ``optim:`` config section over parameter ``groups`` (each group may set its
     own ``weight_decay`` and ``lr``). ``adam`` adds the weight decay to the gradient (L2, torch/BasicSR Adam),
@@ -205,4 +242,9 @@ def build_schedule(optimizer: torch.optim.Optimizer, schedule: Mapping, *, lr: f
         steps = [max(1, int(round(p * unit))) for p in periods]
         return CosineRestartSchedule(optimizer, periods=steps, restart_weights=weights, min_lr_ratio=min_ratio,
                                      warmup_steps=warmup)
+    if name == "piecewise":
+        milestones, factors = schedule.get("milestones"), schedule.get("factors")
+        check_piecewise(milestones, factors, integer=False)
+        steps = [max(1, int(round(m * unit))) for m in milestones]
+        return PiecewiseSchedule(optimizer, milestones=steps, factors=factors)
     raise ValueError(f"schedule.name: expected one of {list(SCHEDULES)}, got {name!r}")

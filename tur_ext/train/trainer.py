@@ -113,6 +113,25 @@ def describe_pretrained(report) -> str:
     return f"started from {report.source} ({report.format}{prefixes}): {report.num_loaded} tensors{head}"
 
 
+def uses_moco(model: nn.Module) -> bool:
+    """Whether ``model`` trains its encoder contrastively (AirNet with ``encoder="moco"``)."""
+    return getattr(model, "encoder_mode", None) == "moco"
+
+
+def key_view(lq: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The MoCo key of each training patch: a random crop of ``fraction`` of its sides (global torch RNG).
+
+    AirNet's loader cuts two patches from each degraded image, the query and the key; the data pipeline here gives
+    one patch per image, so the key is another, overlapping crop of the same degraded patch (same degradation,
+    shifted content). The encoder pools globally, so the key may be smaller than the query.
+    """
+    b, _, h, w = lq.shape
+    kh, kw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    ys = torch.randint(0, h - kh + 1, (b,)).tolist()
+    xs = torch.randint(0, w - kw + 1, (b,)).tolist()
+    return torch.stack([lq[i, :, y:y + kh, x:x + kw] for i, (y, x) in enumerate(zip(ys, xs))])
+
+
 class Trainer:
     """Builds everything a run needs from a validated config (see :mod:`tur_ext.train.config`)."""
 
@@ -163,6 +182,18 @@ class Trainer:
         self.model = models.build(cfg["model"]["name"], uncertainty=self.uncertainty, **model_kwargs(cfg))
         self.pretrained = load_pretrained(self.model, cfg["model"]) if cfg["model"]["pretrained"] else None
         self.model.to(self.device)
+        self.moco = uses_moco(self.model)
+        if self.moco:
+            queue = int(self.model.E.E.K)
+            micro = self.batch_per_rank // self.accumulate  # each forward enqueues one micro-batch of keys
+            if queue % micro:
+                raise ValueError(f"model.queue_size: the MoCo queue width {queue} must be a multiple of the batch "
+                                 f"per forward {micro} (data.batch_size per process / train.accumulate)")
+        self.encoder_pretrain_steps = int(round(t["encoder_pretrain"] * (
+            self.steps_per_epoch if cfg["schedule"]["unit"] == "epochs" else 1)))
+        if self.encoder_pretrain_steps and not self.moco:
+            raise ValueError("train.encoder_pretrain: only a model with a contrastive encoder (airnet with "
+                             "model.encoder=moco) has an encoder stage")
         loss_cfg = {k: v for k, v in cfg["loss"].items() if k != "name"}
         if self.dist.enabled:  # loss.sync=global: statistics over the global batch of all processes
             loss_cfg["process_group"] = torch.distributed.group.WORLD
@@ -267,12 +298,15 @@ class Trainer:
         return self.last_checkpoint
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _forward(self, lq: torch.Tensor):
+    def _forward(self, lq: torch.Tensor, key: Optional[torch.Tensor] = None):
         # Batches are in [0, 1]: the model sees its own input range, the loss compares in [0, 1].
         input_range, output_range = model_ranges(self.model)
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         with ctx:
-            out = self.train_model(to_model_range(lq, input_range))
+            if key is None:
+                out = self.train_model(to_model_range(lq, input_range))
+            else:
+                out = self.train_model(to_model_range(lq, input_range), x_key=to_model_range(key, input_range))
         if self.uncertainty:
             pred, unc = out
             return from_model_range(pred.float(), output_range), unc.float()
@@ -300,6 +334,21 @@ class Trainer:
         raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) at step {step}, task(s): {where}. "
                                  f"Stopping without saving{kept}.")
 
+    def _add_contrastive(self, loss: torch.Tensor, logs: dict) -> torch.Tensor:
+        """AirNet's objective: the contrastive loss alone during the encoder stage, then the restoration loss plus
+        ``contrastive_weight`` times it. In the encoder stage the restoration loss is kept at weight 0, so that the
+        restorer gets zero gradients (nothing moves it under Adam without weight decay) and DDP sees every parameter
+        used."""
+        contrastive = self.model.pop_contrastive()
+        if contrastive is None:
+            raise RuntimeError("model: the moco encoder produced no contrastive logits in a training forward")
+        logits, labels = contrastive
+        ce = nn.functional.cross_entropy(logits.float(), labels)
+        logs["contrastive"] = ce.detach()
+        if self.step < self.encoder_pretrain_steps:
+            return loss * 0.0 + ce
+        return loss + self.cfg["train"]["contrastive_weight"] * ce
+
     def train_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         nb = self.device.type == "cuda"
         lq = batch["lq"].to(self.device, non_blocking=nb)
@@ -316,8 +365,11 @@ class Trainer:
             # DDP all-reduces the gradients in the last micro-batch's backward only.
             quiet = self._ddp.no_sync() if self._ddp is not None and i < a - 1 else nullcontext()
             with quiet:
-                pred, unc = self._forward(lq_i)
+                key = key_view(lq_i, self.cfg["train"]["key_crop"]) if self.moco else None
+                pred, unc = self._forward(lq_i, key)
                 loss, logs = self.loss_fn(pred, gt_i.float(), unc, ids_i)
+                if self.moco:
+                    loss = self._add_contrastive(loss, logs)
                 self._check_finite(loss, logs, self.step + 1)
                 self.scaler.scale(loss if a == 1 else loss / a).backward()
             parts.append((loss.detach(), logs))
@@ -361,7 +413,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def _open_logs(self, resumed: bool) -> None:
         main = self.dist.is_main
-        self.train_log = CSVLog(self.run_dir / "log.csv", train_columns(self.tasks)) if main else None
+        self.train_log = CSVLog(self.run_dir / "log.csv", train_columns(self.tasks, contrastive=self.moco)) \
+            if main else None
         self.val_log = CSVLog(self.run_dir / "val.csv", VAL_COLUMNS) if main else None
         if main:
             if resumed:
@@ -498,6 +551,9 @@ def merge_micro_batches(parts: list) -> tuple[torch.Tensor, dict]:
         if key == "count":
             continue
         v = torch.stack([p[1][key].double() for p in parts])
+        if v.dim() == 1:  # a per-micro-batch scalar (AirNet's contrastive loss)
+            logs[key] = v.mean().to(last.dtype)
+            continue
         mean = torch.where(counts > 0, v, torch.zeros_like(v)).mul(counts).sum(0) / total.clamp_min(1)
         logs[key] = torch.where(total > 0, mean, last.double()).to(last.dtype)
     return loss, logs
@@ -513,10 +569,13 @@ class _LogAccumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.present = torch.zeros(k, dtype=torch.float64)
         self.weight_n = torch.zeros(k, dtype=torch.float64)  # steps with a defined weight (TUR's: task present)
+        self.contrastive: Optional[float] = None  # AirNet's MoCo loss, when the model has one
 
     def add(self, loss: torch.Tensor, logs: dict) -> None:
         self.n += 1
         self.loss += float(loss)
+        if "contrastive" in logs:
+            self.contrastive = (self.contrastive or 0.0) + float(logs["contrastive"])
         present = (logs["count"].detach().cpu() > 0).double()
         self.present += present
         for key in ("loss", "l1", "uncertainty", "weight"):
@@ -533,6 +592,8 @@ class _LogAccumulator:
     def row(self, tasks: TaskSet, *, step: int, epoch: float, lr: float, ips: float) -> dict:
         row = {"step": step, "epoch": round(epoch, 4), "lr": lr, "images_per_s": round(ips, 3),
                "loss": self.loss / max(self.n, 1)}
+        if self.contrastive is not None:
+            row["contrastive"] = self.contrastive / max(self.n, 1)
         denom = self.present.clamp_min(1)
         if "l1" in self.sums:
             row["l1"] = float((self.sums["l1"] / denom)[self.present > 0].mean()) if bool((self.present > 0).any()) else None
