@@ -12,7 +12,7 @@ CSRC := $(shell find csrc -type f)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: setup test bench cuda-check cuda-emu demo cpp-test runner study clean transweather-export-check
+.PHONY: setup test bench cuda-check cuda-emu demo cpp-test runner study clean slow-export-check
 
 setup: $(VENV)/.installed
 
@@ -90,11 +90,12 @@ runner: setup
 	cmake --build build/cmake --target tur-restore -j 2
 	cp build/cmake/export/tur-restore build/tur-restore
 
-# TransWeather's dynamic-shape torch.export and AOTInductor package (about 6 min of compiling on 2 CPU cores; not in
-# `make test`). Builds the runner first when it can.
-transweather-export-check: setup
+# TransWeather's and Uformer's dynamic-shape torch.export and AOTInductor packages (minutes of compiling each on 2
+# CPU cores; not in `make test`). Builds the runner first when it can.
+slow-export-check: setup
 	$(MAKE) runner || true
-	TUR_SLOW_EXPORTS=1 $(PYTHON) -m pytest -q tests/test_transweather.py -k "dynamic or aoti"
+	TUR_SLOW_EXPORTS=1 $(PYTHON) -m pytest -q tests/test_transweather.py tests/test_uformer.py tests/test_models.py \
+	  -k "dynamic or aoti or trace_and_export"
 
 clean:
 	rm -rf build $(VENV) tur_ext/_C*.so *.egg-info

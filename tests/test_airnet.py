@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 import tur_ext.ops
+from export_helpers import photo_crop, runner_binary
+from tur_ext import deploy_cli
+from tur_ext.export import export_aoti
+from tur_ext.inference import load_restorer
 from tur_ext.models import AirNet, build, load_weights, spec, strip_uncertainty
 from tur_ext.models.weights import WeightsMismatchError
 
@@ -26,9 +33,11 @@ needs_fixtures = pytest.mark.skipif(not (OFFICIAL.is_file() and TUR.is_file()),
 #: A small AirNet (same blocks, one group of one block, 8 features) for the tests that do not compare with a release.
 SMALL = dict(features=8, groups=1, blocks=1, queue_size=16)
 RELEASE_HEAD = "R.var_conv."
-# Until branch dcn (the DCNv2 op) is merged, the forward tests have no op to call.
-needs_dcn = pytest.mark.skipif(not hasattr(tur_ext.ops, "deform_conv2d"),
-                               reason="tur_ext.ops.deform_conv2d is not in this build (branch dcn)")
+# The DCN op has no pure-PyTorch fallback: without the compiled extension the forward tests have no op to call.
+needs_dcn = pytest.mark.skipif(tur_ext.ops.backend() != "compiled",
+                               reason="tur_ext._C is not built (deform_conv2d needs it)")
+RUNNER = runner_binary()
+needs_runner = pytest.mark.skipif(not RUNNER.is_file(), reason=f"the C++ runner is not built ({RUNNER} missing)")
 
 
 def deterministic_weights(layout: dict) -> dict:
@@ -370,3 +379,84 @@ def test_short_frozen_training_from_released_weights(tmp_path):
     with pytest.raises(ValueError, match="model.queue_size: the MoCo queue width 12 must be a multiple of the "
                                          "batch per forward 5"):
         _train(tmp_path, "bad2", 1, {"encoder": "moco", "queue_size": 12})
+
+
+# ------------------------------------------------------------------------------------------------ deployment
+
+def _photos(folder: Path) -> dict:
+    files = {"small.png": photo_crop(23, 31), "photo.png": photo_crop(70, 95)}
+    for name, rgb in files.items():
+        assert cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[:, :, ::-1]))
+    return {name: folder / name for name in files}
+
+
+def _run_runner(model: Path, image: Path, out: Path, *extra: str) -> np.ndarray:
+    proc = subprocess.run([str(RUNNER), "--model", str(model), "--input", str(image), "--output", str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return cv2.imread(str(out)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def released_export(tmp_path_factory):
+    """A TUR-release-layout file (head under ``R.var_conv``) of the small model, exported with ``tur export --arch
+    airnet --weights`` (head dropped) to TorchScript."""
+    folder = tmp_path_factory.mktemp("airnet_export")
+    model = small_model(uncertainty=True)
+    release = {(RELEASE_HEAD + k[len("var_conv."):] if k.startswith("var_conv.") else k): v
+               for k, v in model.state_dict().items()}
+    torch.save({"params": release}, folder / "AirNet_TUR.pth")
+    config = [x for k, v in SMALL.items() for x in ("--config", f"{k}={v}")]
+    assert deploy_cli.main(["export", "--arch", "airnet", "--weights", str(folder / "AirNet_TUR.pth"), *config,
+                            "--format", "torchscript", "--out", str(folder / "airnet.pt"), "--tasks", "3task"]) == 0
+    return model, folder
+
+
+@needs_dcn
+def test_torchscript_export_is_scripted_with_the_dcn_op_and_restores_like_eager(released_export):
+    model, folder = released_export
+    restorer = load_restorer(folder / "airnet.pt")
+    meta = restorer.metadata
+    assert meta["torchscript_mode"] == "script" and meta["arch"] == "airnet" and meta["size_multiple"] == 1
+    assert meta["config"]["features"] == SMALL["features"] and len(meta["tasks"]) == 5  # 3task: three sigmas, rain, haze
+    assert "tur::deform_conv2d" in str(torch.jit.load(str(folder / "airnet.pt")).inlined_graph)
+    plain = strip_uncertainty(model)
+    for h, w in ((1, 1), (9, 14), (33, 20)):
+        x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            expected = plain(x).clamp(0, 1)
+        assert (restorer(x) - expected).abs().max().item() <= 1e-5
+
+
+@needs_dcn
+@needs_runner
+def test_runner_and_tur_restore_agree_on_the_torchscript_export(released_export, tmp_path):
+    _, folder = released_export
+    photos = _photos(tmp_path)
+    assert deploy_cli.main(["restore", "--model", str(folder / "airnet.pt"), *map(str, photos.values()),
+                            "--out", str(tmp_path / "py")]) == 0
+    for name, image in photos.items():
+        cpp = _run_runner(folder / "airnet.pt", image, tmp_path / f"cpp_{name}")
+        py = cv2.imread(str(tmp_path / "py" / name)).astype(np.int64)
+        assert py.shape == cpp.shape == cv2.imread(str(image)).shape
+        assert np.abs(py - cpp).max() <= 1, name
+        assert py.std() > 1  # not a constant image
+    # Tiles: AirNet is translation-equivariant only away from tile borders, so compare runner and tur restore with
+    # the same tiling, not tiled with whole.
+    photo = photos["photo.png"]
+    assert deploy_cli.main(["restore", "--model", str(folder / "airnet.pt"), str(photo), "--tile", "32",
+                            "--out", str(tmp_path / "py_tiled")]) == 0
+    cpp = _run_runner(folder / "airnet.pt", photo, tmp_path / "cpp_tiled.png", "--tile", "32")
+    assert np.abs(cv2.imread(str(tmp_path / "py_tiled" / "photo.png")).astype(np.int64) - cpp).max() <= 1
+
+
+@needs_dcn
+@needs_runner
+def test_aoti_export_restore_and_runner(tmp_path):
+    """AOTInductor with the DCN op as an extern kernel: Python and the runner (which links tur_ops) agree."""
+    result = export_aoti(small_model(uncertainty=True), tmp_path / "airnet.pt2")
+    assert max(result.parity.values()) <= 1e-4
+    image = _photos(tmp_path)["photo.png"]
+    assert deploy_cli.main(["restore", "--model", str(result.path), str(image), "--out", str(tmp_path / "py")]) == 0
+    cpp = _run_runner(result.path, image, tmp_path / "cpp.png")
+    assert np.abs(cv2.imread(str(tmp_path / "py" / image.name)).astype(np.int64) - cpp).max() <= 1

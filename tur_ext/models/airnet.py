@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops as _ops
+from ..ops.deform_conv import require_compiled
 from .head import HEAD_NAME, Backbone
 
 __all__ = ["AirNet", "ENCODER_MODES"]
@@ -174,7 +174,11 @@ class DCNLayer(nn.Module):
         # cat(chunk o1, chunk o2) of the authors' code is the first 2*k2 channels as they are.
         offset = out[:, :2 * k2]
         mask = torch.sigmoid(out[:, 2 * k2:])
-        return _ops.deform_conv2d(x, offset, self.weight, stride=1, padding=self.padding, mask=mask)
+        if not torch.jit.is_scripting():
+            require_compiled()
+        # The op itself, not the Python wrapper: its int-or-pair arguments do not script.
+        return torch.ops.tur.deform_conv2d(x, offset, self.weight, None, [1, 1], [self.padding, self.padding],
+                                           [1, 1], mask)
 
 
 class SFTLayer(nn.Module):
@@ -220,18 +224,26 @@ class DGB(nn.Module):
         return self.conv2(out) + x
 
 
+class ConditionedConv2d(nn.Conv2d):
+    """A plain conv that takes (and ignores) the degradation map, so that a body of conditioned blocks and a
+    closing conv is one loop TorchScript can compile; its state-dict keys are those of ``nn.Conv2d``."""
+
+    def forward(self, x: Tensor, inter: Tensor) -> Tensor:  # type: ignore[override]
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 class DGG(nn.Module):
     """A group of DGB blocks and a conv (``body.<n_blocks>``) with a residual."""
 
     def __init__(self, channels: int, n_blocks: int):
         super().__init__()
-        self.body = nn.Sequential(*[DGB(channels) for _ in range(n_blocks)],
-                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.body = nn.ModuleList([*[DGB(channels) for _ in range(n_blocks)],
+                                   ConditionedConv2d(channels, channels, 3, padding=1)])
 
     def forward(self, x: Tensor, inter: Tensor) -> Tensor:
         res = x
-        for i, block in enumerate(self.body):
-            res = block(res) if i == len(self.body) - 1 else block(res, inter)
+        for block in self.body:
+            res = block(res, inter)
         return res + x
 
 
@@ -241,15 +253,15 @@ class DGRN(nn.Module):
     def __init__(self, channels: int, n_groups: int, n_blocks: int):
         super().__init__()
         self.head = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1))
-        self.body = nn.Sequential(*[DGG(channels, n_blocks) for _ in range(n_groups)],
-                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.body = nn.ModuleList([*[DGG(channels, n_blocks) for _ in range(n_groups)],
+                                   ConditionedConv2d(channels, channels, 3, padding=1)])
         self.tail = nn.Sequential(nn.Conv2d(channels, 3, 3, padding=1))
 
     def features(self, x: Tensor, inter: Tensor) -> Tensor:
         x = self.head(x)
         res = x
-        for i, group in enumerate(self.body):
-            res = group(res) if i == len(self.body) - 1 else group(res, inter)
+        for group in self.body:
+            res = group(res, inter)
         return res + x
 
 
@@ -273,7 +285,7 @@ class AirNet(Backbone):
         self.encoder_mode = encoder
         self.R = DGRN(features, groups, blocks)
         self.E = CBDE(features, queue_size)
-        self._contrastive: Optional[Tuple[Tensor, Tensor]] = None
+        self._contrastive = None  # (logits, labels) of the last MoCo step, see pop_contrastive
         if encoder == "frozen":
             for p in self.E.parameters():
                 p.requires_grad_(False)
@@ -300,20 +312,13 @@ class AirNet(Backbone):
         """``x`` (B, 3, H, W) -> image, or ``(image, uncertainty)`` with a head. In training with
         ``encoder="moco"`` and a key view ``x_key`` (another crop of the same degraded images), the MoCo step runs as
         well and its logits wait in :meth:`pop_contrastive`."""
-        if x_key is None or not self.training or self.encoder_mode != "moco":
-            return super().forward(x)
-        self.check_input(x)
-        logits, labels, inter = self.E.E.contrast(x, x_key)
-        self._contrastive = (logits, labels)
-        features = self.R.features(x, inter)
-        image = self.reconstruct(features, x)
-        if self.var_conv is None:
-            return image
-        if self.head_input == "detached":
-            return image, self.var_conv(features.detach())
-        if self.head_input == "input":
-            return image, self.var_conv(x)
-        return image, self.var_conv(features)
+        if not torch.jit.is_scripting():  # training is Python-only; the scripted forward is the inference call
+            self.check_eager_input(x)
+            if x_key is not None and self.training and self.encoder_mode == "moco":
+                logits, labels, inter = self.E.E.contrast(x, x_key)
+                self._contrastive = (logits, labels)
+                return self.outputs(self.R.features(x, inter), x)
+        return self.outputs(self.forward_features(x), x)
 
     @torch.jit.unused
     def contrast(self, x_query: Tensor, x_key: Tensor) -> Tuple[Tensor, Tensor]:

@@ -150,10 +150,18 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor):
         """``x`` (B, in_channels, H, W) -> the restored image, or ``(image, uncertainty)`` with a head."""
         if not torch.jit.is_scripting():
-            # Shape checks are Python-side: keep them out of traced, exported and compiled graphs.
-            if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-                self.check_input(x)
-        features = self.forward_features(x)
+            self.check_eager_input(x)
+        return self.outputs(self.forward_features(x), x)
+
+    @torch.jit.unused
+    def check_eager_input(self, x: Tensor) -> None:
+        """:meth:`check_input` when running eagerly: shape checks are Python-side, kept out of traced, exported and
+        compiled graphs."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(x)
+
+    def outputs(self, features: Tensor, x: Tensor):
+        """The image (and the uncertainty with a head) from the backbone's ``features`` of the input ``x``."""
         image = self.reconstruct(features, x)
         if self.var_conv is None:
             return image

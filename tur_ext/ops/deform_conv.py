@@ -32,6 +32,15 @@ def _pair(value: IntPair, name: str) -> list[int]:
     raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
 
 
+def require_compiled() -> None:
+    """RuntimeError unless the compiled extension registered ``torch.ops.tur.deform_conv2d``."""
+    if not _REGISTERED:
+        raise RuntimeError(
+            "deform_conv2d needs the compiled extension tur_ext._C (it has no pure-PyTorch fallback); build it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+
+
 def deform_conv2d(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -45,11 +54,7 @@ def deform_conv2d(
     """DCNv2 of ``input`` (B, C_in, H, W) with ``offset`` (B, 2*og*kh*kw, H_out, W_out), ``weight``
     (C_out, C_in/groups, kh, kw), optional ``bias`` (C_out,) and ``mask`` (B, og*kh*kw, H_out, W_out; None = ones).
     Returns (B, C_out, H_out, W_out). float16/bfloat16 are computed in float32. Differentiable in all tensors."""
-    if not _REGISTERED:
-        raise RuntimeError(
-            "deform_conv2d needs the compiled extension tur_ext._C (it has no pure-PyTorch fallback); build it with "
-            "`pip install --no-build-isolation -e .`"
-        )
+    require_compiled()
     for name, t in (("input", input), ("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
