@@ -20,6 +20,7 @@ import tur_ext.ops
 from export_helpers import photo_crop, runner_binary
 from tur_ext import deploy_cli
 from tur_ext.export import export_aoti
+from tur_ext.export_onnx import export_onnx, load_onnx
 from tur_ext.inference import load_restorer
 from tur_ext.models import AirNet, build, load_weights, spec, strip_uncertainty
 from tur_ext.models.weights import WeightsMismatchError
@@ -460,3 +461,24 @@ def test_aoti_export_restore_and_runner(tmp_path):
     assert deploy_cli.main(["restore", "--model", str(result.path), str(image), "--out", str(tmp_path / "py")]) == 0
     cpp = _run_runner(result.path, image, tmp_path / "cpp.png")
     assert np.abs(cv2.imread(str(tmp_path / "py" / image.name)).astype(np.int64) - cpp).max() <= 1
+
+
+@needs_dcn
+def test_onnx_export_maps_the_op_to_deform_conv_and_onnxruntime_runs_it(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = small_model(uncertainty=True)
+    result = export_onnx(model, tmp_path / "airnet.onnx", tasks="3task")
+    assert result.metadata["opset"] == 19 and max(result.parity.values()) <= 1e-4
+    proto = onnx.load(str(result.path))
+    assert sum(n.op_type == "DeformConv" for n in proto.graph.node) == 2  # a DCN per DGM, two DGMs per DGB, one DGB
+    net = load_onnx(result.path)
+    plain = strip_uncertainty(model)
+    for shape in ((1, 3, 1, 1), (3, 3, 17, 9), (1, 3, 40, 61)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(shape[2]))
+        with torch.no_grad():
+            assert (net(x) - plain(x)).abs().max().item() <= 1e-4, shape
+    with pytest.raises(ValueError, match=r"opset: expected an int >= 19 \(airnet needs it\), got 18"):
+        export_onnx(model, tmp_path / "old.onnx", opset=18)
+    with pytest.raises(ValueError, match="exporter: airnet exports to ONNX with the 'torchscript' exporter only"):
+        export_onnx(model, tmp_path / "dyn.onnx", exporter="dynamo")
+    assert not (tmp_path / "old.onnx").exists() and not (tmp_path / "dyn.onnx").exists()

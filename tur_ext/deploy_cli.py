@@ -73,7 +73,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description="Export the backbone (uncertainty head stripped, eval mode) with its metadata, after checking "
                     "that the artifact reproduces the eager model (max abs <= 1e-4 in fp32; safetensors: exactly) "
                     "at two sizes. safetensors: the weights in the authors' key layout (spandrel, chaiNNer, ComfyUI "
-                    "load them); onnx: opset 18, dynamic batch/H/W, checked in ONNX Runtime.")
+                    "load them); onnx: opset 18 (AirNet: 19, DeformConv), dynamic batch/H/W, checked in ONNX Runtime.")
     e.add_argument("checkpoint", nargs="?", default=None,
                    help="a tur_ext training checkpoint or run folder (or use --arch and --weights)")
     e.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")

@@ -51,6 +51,9 @@ def _require(name: str):
 
 def _export_graph(net: nn.Module, file: Path, example: Tensor, opset: int, exporter: str) -> None:
     if exporter == "torchscript":
+        from .ops.deform_conv import register_onnx_symbolic
+
+        register_onnx_symbolic()
         dynamic = {0: "batch", 2: "height", 3: "width"}
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*TorchScript-based ONNX")
@@ -90,9 +93,10 @@ def _write_metadata(file: Path, meta: Dict[str, Any]) -> None:
 
 def export_onnx(model: nn.Module, path: PathLike, *, tasks: Union[None, str, Sequence[str]] = None,
                 device: Union[str, torch.device] = "cpu", half: bool = False,
-                parity_sizes: Optional[Sequence[Tuple[int, int]]] = None, opset: int = DEFAULT_OPSET,
+                parity_sizes: Optional[Sequence[Tuple[int, int]]] = None, opset: Optional[int] = None,
                 exporter: str = "torchscript") -> ExportResult:
     """Write ``model`` (head stripped, eval, fp32) as ONNX at ``path`` (``.onnx``), parity-checked in ONNX Runtime.
+    ``opset``: default the newer of :data:`DEFAULT_OPSET` and the model's ``onnx_min_opset`` (AirNet: 19).
 
     The graph is device-neutral; it is traced on the CPU (``device`` must be "cpu"; ``half`` is refused: convert
     the fp32 graph with the deployment tool's own fp16 pass).
@@ -101,13 +105,20 @@ def export_onnx(model: nn.Module, path: PathLike, *, tasks: Union[None, str, Seq
     out = _out_path(path, ".onnx", "ONNX")
     if exporter not in ONNX_EXPORTERS:
         raise ValueError(f"exporter: expected one of {list(ONNX_EXPORTERS)}, got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < DEFAULT_OPSET:
-        raise ValueError(f"opset: expected an int >= {DEFAULT_OPSET}, got {opset!r}")
     if half:
         raise ValueError("half: ONNX exports are fp32; convert the graph to fp16 with the runtime's tools")
     if torch.device(device).type != "cpu":
         raise ValueError(f"device: ONNX graphs are traced on the CPU, got {device!r}")
     net = prepare_for_export(model, device="cpu")
+    lowest = max(DEFAULT_OPSET, net.onnx_min_opset)
+    if opset is None:
+        opset = lowest
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < lowest:
+        why = f" ({net.arch} needs it)" if lowest > DEFAULT_OPSET else ""
+        raise ValueError(f"opset: expected an int >= {lowest}{why}, got {opset!r}")
+    if exporter == "dynamo" and net.onnx_min_opset > DEFAULT_OPSET:
+        raise ValueError(f"exporter: {net.arch} exports to ONNX with the 'torchscript' exporter only (its custom op "
+                         f"has an ONNX mapping there), got 'dynamo'")
     low = _min_size(net, "aoti" if exporter == "dynamo" else "onnx")
     sizes = _parity_sizes(parity_sizes, net.size_multiple, low)
     g = torch.Generator().manual_seed(20240607)  # random images, never zeros; batch 2 checks the dynamic batch

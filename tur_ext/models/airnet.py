@@ -272,6 +272,7 @@ class AirNet(Backbone):
 
     size_multiple = 1
     min_size = 1
+    onnx_min_opset = 19  # ONNX DeformConv
 
     def __init__(self, features: int = 64, groups: int = 5, blocks: int = 5, queue_size: int = 1280,
                  encoder: str = "moco"):

@@ -61,7 +61,8 @@ class Backbone(nn.Module):
     from the defaults they also set ``min_size`` (the smallest H and W, a multiple of ``size_multiple``) and
     ``input_range``/``output_range`` (the value ranges the forward takes and returns; see
     :mod:`tur_ext.models.value_range`), and ``export_min_size`` where a dynamic-shape ``torch.export`` needs larger
-    inputs than the eager model (``None``: ``min_size``).
+    inputs than the eager model (``None``: ``min_size``), and ``onnx_min_opset`` where an ONNX export needs a newer
+    opset than the default (AirNet's DeformConv: 19).
     :func:`tur_ext.models.build` fills in ``arch`` and ``config`` (``build(model.arch, **model.config)`` rebuilds the
     same architecture, head included).
     """
@@ -73,6 +74,7 @@ class Backbone(nn.Module):
     size_multiple = 1
     min_size = 1
     export_min_size = None
+    onnx_min_opset = 18
     supports_fp16 = False
     input_range = (0.0, 1.0)
     output_range = (0.0, 1.0)

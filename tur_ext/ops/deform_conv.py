@@ -118,6 +118,42 @@ def _backward(ctx, grad_out):
     )
 
 
+#: ONNX's DeformConv (same offset/mask layout and sampling as this op) appeared in opset 19.
+ONNX_OPSET = 19
+_ONNX_REGISTERED = False
+
+
+def _onnx_symbolic(g, input, offset, weight, bias, stride, padding, dilation, mask):
+    """``tur::deform_conv2d`` as ONNX ``DeformConv`` for torch's TorchScript-based ONNX exporter. Channel counts
+    come from the traced shapes (weights and the offset/mask convs are static), so groups and offset groups are
+    fixed attributes; batch, H and W stay dynamic."""
+    from torch.onnx import symbolic_helper as sh
+
+    c_in = sh._get_tensor_sizes(input)[1]
+    c_out, c_per_group, kh, kw = sh._get_tensor_sizes(weight)
+    offset_channels = sh._get_tensor_sizes(offset)[1]
+    if None in (c_in, c_per_group, kh, kw, offset_channels):
+        raise RuntimeError("deform_conv2d: ONNX export needs static channel counts and kernel size")
+    pad = sh._maybe_get_const(padding, "is")
+    inputs = [input, weight, offset]
+    if not sh._is_none(mask):
+        inputs.append(bias if not sh._is_none(bias) else g.op("Constant", value_t=torch.zeros(c_out)))
+        inputs.append(mask)
+    elif not sh._is_none(bias):
+        inputs.append(bias)
+    return g.op("DeformConv", *inputs, kernel_shape_i=[kh, kw], strides_i=sh._maybe_get_const(stride, "is"),
+                pads_i=[pad[0], pad[1], pad[0], pad[1]], dilations_i=sh._maybe_get_const(dilation, "is"),
+                group_i=c_in // c_per_group, offset_group_i=offset_channels // (2 * kh * kw))
+
+
+def register_onnx_symbolic() -> None:
+    """Teach torch's TorchScript-based ONNX exporter the op (ONNX ``DeformConv``, opset >= :data:`ONNX_OPSET`)."""
+    global _ONNX_REGISTERED
+    if not _ONNX_REGISTERED:
+        torch.onnx.register_custom_op_symbolic(OP_NAME, _onnx_symbolic, ONNX_OPSET)
+        _ONNX_REGISTERED = True
+
+
 def register() -> None:
     """Registers the fake kernels and the autograd formula (called once, when the compiled extension loaded)."""
     torch.library.register_fake(OP_NAME)(_fake_forward)
