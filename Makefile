@@ -9,6 +9,7 @@ DEPS := numpy opencv-python-headless pybind11 ninja pytest pytest-benchmark PyYA
         scikit-image tensorboard 'setuptools>=77' wheel \
         safetensors onnx onnxscript onnxruntime
 CSRC := $(shell find csrc -type f)
+APT_PACKAGES := libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev chromium
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
@@ -22,10 +23,19 @@ $(VENV)/.installed: setup.py pyproject.toml $(CSRC)
 	$(PYTHON) -m pip install -q $(DEPS)
 	# --no-build-isolation: compile against the torch installed above instead of downloading another one.
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
-	# Chromium for the browser tests of report.html (they skip without it); installed when root, as CI is.
-	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
-	  || echo "setup: chromium not installed; the browser tests of report.html will skip"; fi
+	# spandrel, a test-only tool (tests/test_safetensors_export.py), in its own folder with --no-deps: its declared
+	# dependencies would pull a CUDA torch and torchvision. einops only for spandrel's own Uformer code.
+	$(PYTHON) -m pip install -q --no-deps --upgrade --target build/spandrel-env spandrel==0.4.2 einops==0.8.2 \
+	  || echo "setup: spandrel not installed; its checks in tests/test_safetensors_export.py will skip"
+	# Debian packages: OpenCV's headers and libraries for the C++ runner (make runner, make demo) and Chromium for
+	# the browser tests of report.html. Installed with apt-get when root (as CI and containers are), else named.
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "setup: apt-get install$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing) \
+	    || echo "setup: apt-get failed; the C++ runner and the browser tests need:$$missing"; \
+	  else echo "setup: the C++ runner (make runner) and the browser tests need Debian packages; run:"; \
+	    echo "  sudo apt-get install --no-install-recommends$$missing"; fi; fi
 	touch $@
 
 test: setup
@@ -68,7 +78,7 @@ cuda-emu: setup
 
 # The runner is optional for the demo: without OpenCV's headers it falls back to `tur restore` and says so.
 demo: setup
-	$(MAKE) runner || echo "demo: the C++ runner could not be built (see .ci/run for the OpenCV packages); using tur restore"
+	$(MAKE) runner || echo "demo: the C++ runner could not be built (OpenCV's packages: see make setup); using tur restore"
 	$(PYTHON) -m tur_ext demo
 
 # The C++ library and its tests through CMake against the libtorch inside the torch wheel.

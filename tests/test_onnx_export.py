@@ -102,8 +102,12 @@ def test_tur_restore_runs_the_onnx_model(tiny_onnx, tmp_path, capsys):
     assert "ONNX models run with ONNX Runtime on the CPU" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch, config", [("promptir", SMALL_PROMPTIR), ("transweather", SMALL_TRANSWEATHER)])
-def test_promptir_and_transweather_export(tmp_path, arch, config):
+SMALL_UFORMER = dict(embed_dim=8, depths=[1] * 9, num_heads=[1, 1, 2, 2, 4, 4, 2, 2, 1], win_size=2)
+
+
+@pytest.mark.parametrize("arch, config", [("promptir", SMALL_PROMPTIR), ("transweather", SMALL_TRANSWEATHER),
+                                          ("uformer", SMALL_UFORMER)])
+def test_promptir_transweather_uformer_export(tmp_path, arch, config):
     model = randomised(build(arch, uncertainty=True, **config))
     result = export_onnx(model, tmp_path / "m.onnx", tasks="3task")
     assert len(result.parity) == 2 and max(result.parity.values()) <= ATOL

@@ -135,10 +135,12 @@ def test_clear_errors_for_wrong_weights(tmp_path, image, capsys):
     assert deploy_cli.main(args) == 1
     err = capsys.readouterr().err
     assert f"{path}: checkpoint (basicsr:params) does not match NAFNet" in err and "unexpected keys" in err
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"body.0.weight": torch.randn(4, 3, 3, 3), "tail.bias": torch.randn(3)}, foreign)
     for extra, message in [(["--arch", "nafnet-tiny"], "--arch needs --weights FILE"),
                            (["--model", str(path), "--weights", str(path)], "give either --model or --arch"),
                            ([], "expected --model FILE, or --arch NAME --weights FILE"),
-                           (["--weights", str(path)], "is not a tur_ext safetensors export; name its architecture"),
+                           (["--weights", str(foreign)], "matches no known architecture"),
                            (["--arch", "nafnet-tiny", "--weights", str(tmp_path / "nope.pth")],
                             "--weights: no such file")]:
         assert deploy_cli.main(["restore", *extra, str(image), "--out", str(tmp_path / "o")]) == 1, extra

@@ -41,6 +41,7 @@ FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 SMALL_PROMPTIR = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 2],
                       prompt_dims=[8, 16, 32], prompt_sizes=[8, 4, 2])
 SMALL_TRANSWEATHER = dict(embed_dims=[8, 16, 32, 64])
+SMALL_UFORMER = dict(embed_dim=8, depths=[1] * 9, num_heads=[1, 1, 2, 2, 4, 4, 2, 2, 1], win_size=2)
 SPANDREL_INSTALL = "python -m pip install --no-deps --target build/spandrel-env spandrel==0.4.2"
 
 
@@ -74,6 +75,9 @@ def layout_of(sd: dict) -> dict:
     ("promptir_official.json", "", "promptir", {"include_unused": False}),
     ("transweather_official.json", "", "transweather", {"input_range": [-1, 1]}),
     ("transweather_tur_official.json", "var_conv.", "transweather", {}),
+    ("airnet_official.json", "", "airnet", {}),
+    ("airnet_tur_official.json", "R.var_conv.", "airnet", {"queue_size": 8192}),
+    ("uformer_tur_7task_official.json", "var_conv.", "uformer", {}),
 ])
 def test_release_state_dict_is_the_published_layout(fixture, prefix, arch, config):
     """Key for key and shape for shape the authors' release (PromptIR; TransWeather for [-1, 1] weights) or the TUR
@@ -104,6 +108,8 @@ def test_nafnet_release_state_dict_is_its_module_layout():
     ("promptir", {**SMALL_PROMPTIR, "include_unused": False}),
     ("transweather", SMALL_TRANSWEATHER),
     ("transweather", {**SMALL_TRANSWEATHER, "input_range": [-1, 1]}),
+    ("airnet", dict(features=8, groups=1, blocks=1, queue_size=16)),
+    ("uformer", SMALL_UFORMER),
 ])
 def test_export_round_trip_header_and_head_stripped(tmp_path, arch, config):
     model = randomised(build(arch, uncertainty=True, **config))
@@ -186,8 +192,10 @@ def test_cli_export_and_restore_from_safetensors(tmp_path, capsys):
     assert json.loads(header(again)["tasks"]) == ["derain"]
     plain = tmp_path / "plain.safetensors"
     st.save_file(build("nafnet-tiny").release_state_dict(), str(plain))
-    assert deploy_cli.main(["restore", "--weights", str(plain), str(image), "--out", str(tmp_path / "x")]) == 1
-    assert "has no tur_ext metadata" in capsys.readouterr().err
+    # A plain safetensors file (no tur_ext header, as spandrel users share them): the architecture comes from its keys.
+    assert deploy_cli.main(["restore", "--weights", str(plain), str(image), "--out", str(tmp_path / "x")]) == 0
+    assert "[tur] detected nafnet (width=16, enc_blocks=[1, 1, 1], middle_blocks=2, dec_blocks=[1, 1, 1])" \
+        in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------- spandrel
@@ -253,9 +261,11 @@ def _spandrel_path() -> Path:
 def _write_stubs(folder: Path) -> None:
     import importlib.util
 
+    spandrel_folder = _spandrel_path()
     for rel, source in _STUBS.items():
-        if importlib.util.find_spec(rel.split("/")[0]) is not None:
-            continue  # the real package is installed: use it
+        package = rel.split("/")[0]
+        if importlib.util.find_spec(package) is not None or (spandrel_folder / package).is_dir():
+            continue  # the real package is installed (here or beside spandrel): use it
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(source)
@@ -275,24 +285,26 @@ def _run_spandrel(cases, tmp_path: Path) -> dict:
 #: (registry name, config, spandrel's architecture id, the output convolution to scale down) for every architecture
 #: spandrel knows. Uformer's spandrel code calls einops at run time: its case needs the real einops in the spandrel
 #: folder (``pip install --no-deps --target build/spandrel-env einops``), never in the project's environment.
+#: The image is (rows, cols) size multiples: spandrel's Uformer code takes square inputs only (H = W = sqrt(tokens)).
 SPANDREL_CASES = [
-    pytest.param("nafnet-tiny", TINY_CONFIG, "NAFNet", "ending", id="nafnet-width8-2level"),
-    pytest.param("nafnet-tiny", {}, "NAFNet", "ending", id="nafnet-tiny"),
+    pytest.param("nafnet-tiny", TINY_CONFIG, "NAFNet", "ending", (8, 12), id="nafnet-width8-2level"),
+    pytest.param("nafnet-tiny", {}, "NAFNet", "ending", (8, 12), id="nafnet-tiny"),
+    pytest.param("uformer", SMALL_UFORMER, "Uformer", "output_proj.proj.0", (3, 3), id="uformer-small"),
 ]
 
 
-@pytest.mark.parametrize("arch, config, spandrel_id, output_conv", SPANDREL_CASES)
-def test_spandrel_loads_our_file_and_matches_tur_restore(tmp_path, arch, config, spandrel_id, output_conv):
+@pytest.mark.parametrize("arch, config, spandrel_id, output_conv, size", SPANDREL_CASES)
+def test_spandrel_loads_our_file_and_matches_tur_restore(tmp_path, arch, config, spandrel_id, output_conv, size):
     """spandrel detects the architecture of our file, rebuilds it from the keys, and its output (8-bit) equals
     `tur restore --model FILE`'s within 1 level in 255 (bit for bit in practice)."""
     path = _spandrel_path()  # skip before any work
     model = randomised(build(arch, uncertainty=True, **config), seed=3)
     with torch.no_grad():
-        getattr(model, output_conv).weight.mul_(0.1)  # keep the output an image near the input, as trained ones do
+        model.get_submodule(output_conv).weight.mul_(0.1)  # keep the output near the input, as trained ones do
     out = tmp_path / "model.safetensors"
     export_safetensors(model, out, tasks="3task")
     m = model.size_multiple
-    image = photo_crop(8 * m, 12 * m)  # a multiple of the size multiple: spandrel pads with zeros, we reflect
+    image = photo_crop(size[0] * m, size[1] * m)  # a multiple of the size multiple: spandrel pads with zeros, we reflect
     src = tmp_path / "in" / "photo.png"
     src.parent.mkdir()
     write_image(src, image)

@@ -275,22 +275,11 @@ def demo_config(loss: str, out: Path, steps: Optional[int], overrides: Sequence[
     return load_config(raw=copy.deepcopy(QUICKSTART), overrides=[*overrides, *sets])
 
 
-def _demo_train(cfg: dict, position: Optional[int], threads: Optional[int]) -> dict:
-    """One demo run (also the body of a worker process when the runs go side by side)."""
-    import torch
-
-    from .train.trainer import Trainer
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    with Trainer(cfg, progress_position=position) as trainer:
-        summary = trainer.train()
-    return {t: {"psnr": m["psnr"], "ssim": m["ssim"]} for t, m in (summary["metrics"] or {}).items()}
-
-
 def _demo_worker(cfg: dict, position: int, threads: int, queue) -> None:
+    from .train.trainer import train_and_evaluate
+
     try:
-        queue.put((cfg["loss"]["name"], _demo_train(cfg, position, threads), None))
+        queue.put((cfg["loss"]["name"], train_and_evaluate(cfg, progress_position=position, threads=threads), None))
     except BaseException as e:  # reported by the parent, which owns the exit status
         queue.put((cfg["loss"]["name"], None, f"{type(e).__name__}: {e}"))
 
@@ -319,6 +308,7 @@ def _logged_step(run_dir) -> int:
 def cmd_demo(args) -> int:
     from .report import write_report
     from .train.evaluate import format_table, write_json
+    from .train.trainer import train_and_evaluate
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -334,7 +324,7 @@ def cmd_demo(args) -> int:
     results: dict = {}
     if jobs == 1:
         for loss in DEMO_LOSSES:
-            results[loss] = _demo_train(cfgs[loss], None, None)
+            results[loss] = train_and_evaluate(cfgs[loss])
     else:
         # Two single-threaded processes use two cores better than one process with two threads: the small
         # convolutions of nafnet-tiny scale poorly across threads, and badly when another program takes a core.

@@ -2,9 +2,11 @@
 
     tur export CHECKPOINT --format torchscript|aoti|safetensors|onnx --out PATH [--device cpu|cuda] [--half]
     tur export --arch NAME --weights FILE [--config KEY=VALUE ...] [--tasks SET|A,B,..] --format ... --out PATH
-    tur export --weights FILE.safetensors --format ... --out PATH       (a tur_ext safetensors export: no --arch)
+    tur export --weights FILE --format ... --out PATH          (no --arch: a tur_ext safetensors export says what it
+                                                               holds; any other file's architecture is detected)
     tur restore --model PATH IMAGES... --out DIR [--tile N [--overlap M]] [--device cpu|cuda] [--half]
     tur restore --arch NAME --weights FILE [--config KEY=VALUE ...] IMAGES... --out DIR [...]
+    tur restore --weights FILE IMAGES... --out DIR [...]      (architecture detected, see tur_ext.models.detect)
 
 :func:`register` adds both to the ``tur`` parser's subparsers (dispatch through :data:`COMMANDS` or the ``func``
 default each subparser sets); :func:`main` runs them on their own (``python -m tur_ext.deploy_cli export ...``).
@@ -79,7 +81,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     e.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")
     e.add_argument("--weights", default=None,
                    help="weights from elsewhere: a state dict, BasicSR (params/params_ema) or Lightning checkpoint, "
-                        "or safetensors (a tur_ext safetensors export needs no --arch)")
+                        "or safetensors; without --arch the architecture is detected from the file")
     e.add_argument("--config", dest="config", action="append", default=[], metavar="KEY=VALUE",
                    help="model configuration override for --arch, e.g. --config width=16 (repeatable)")
     e.add_argument("--tasks", default=None,
@@ -103,11 +105,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     r.add_argument("images", nargs="+", help="image files (PNG, JPEG, TIFF, ...; 8- or 16-bit; gray or color)")
     r.add_argument("--model", default=None,
                    help="a .pt (TorchScript), .pt2 (AOTInductor), .onnx (ONNX Runtime), tur_ext .safetensors or "
-                        "training checkpoint (or use --arch and --weights)")
+                        "training checkpoint; any other weights file is read as --weights FILE")
     r.add_argument("--arch", default=None, help="model name (tur_ext.models.available()), with --weights")
     r.add_argument("--weights", default=None,
                    help="published weights: a state dict, BasicSR (params/params_ema), Lightning (PromptIR) "
-                        "checkpoint or safetensors; the uncertainty head, if any, is dropped")
+                        "checkpoint or safetensors; the uncertainty head, if any, is dropped; without --arch the "
+                        "architecture is detected from the file")
     r.add_argument("--config", dest="config", action="append", default=[], metavar="KEY=VALUE",
                    help="model configuration override for --arch, e.g. --config width=16 (repeatable)")
     r.add_argument("--out", required=True, help="output folder")
@@ -171,8 +174,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[Any, List[str]]:
-    """The backbone of ``--arch NAME --weights FILE [--config ...]``, or of ``--weights`` alone for a tur_ext
-    safetensors export (its header names the architecture), and the task names known for it."""
+    """The backbone of ``--arch NAME --weights FILE [--config ...]``, or of ``--weights`` alone (a tur_ext safetensors
+    export's header names the architecture; any other file's is detected), and the task names known for it."""
     from .models import build, load_weights
     from .models.weights import is_safetensors
 
@@ -182,11 +185,12 @@ def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[An
         raise FileNotFoundError(f"--weights: no such file {args.weights!r}")
     tasks = _parse_tasks(getattr(args, "tasks", None)) or []
     if args.arch is None:
-        if not is_safetensors(args.weights):
-            raise ValueError(f"--weights: {args.weights!r} is not a tur_ext safetensors export; name its "
-                             f"architecture with --arch NAME (tur_ext.models.available())")
+        tur_export = is_safetensors(args.weights) and _has_tur_metadata(args.weights)
         if args.config:
-            raise ValueError("--config: only with --arch (a tur_ext safetensors file carries its configuration)")
+            what = "a tur_ext safetensors file carries" if tur_export else "the file's is detected"
+            raise ValueError(f"--config: only with --arch ({what} its configuration)")
+        if not tur_export:
+            return _detected_model(args.weights), tasks
         from .export_safetensors import model_from_safetensors
 
         model, file_tasks = model_from_safetensors(args.weights)
@@ -197,10 +201,80 @@ def _model_from_weights_args(args: argparse.Namespace, command: str) -> Tuple[An
     return model.eval(), tasks
 
 
+def _has_tur_metadata(path: Union[str, os.PathLike]) -> bool:
+    """Whether a safetensors file carries tur_ext's header (``tur export --format safetensors`` wrote it)."""
+    from .export_safetensors import SAFETENSORS_METADATA_KEY
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return SAFETENSORS_METADATA_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a malformed file: reading its weights names the problem
+        return False
+
+
+def _detected_model(path: Union[str, os.PathLike], option: str = "--weights") -> Any:
+    """The backbone of a weights file whose architecture and configuration are detected from its keys and shapes
+    (``option``: the command-line option that named the file, for errors); prints what was found. The file is read
+    once, without running code from it."""
+    from .models import build, detect_architecture, load_weights
+    from .models.weights import read_checkpoint_file, read_state_dict
+
+    source = os.fspath(path)
+    payload = read_checkpoint_file(source, inert_objects=True)
+    state_dict, _, _ = read_state_dict(payload, f"{option}: {source}")
+    try:
+        found = detect_architecture(state_dict, f"{option}: {source}")
+    except ValueError as exc:
+        hint = "--arch NAME" if option == "--weights" else "--arch NAME --weights FILE"
+        raise ValueError(f"{exc}; name the architecture with {hint}") from None
+    model = build(found.arch, **found.config)
+    load_weights(model, payload, strict_head=False, source=source)
+    dropped = "; uncertainty head dropped" if found.has_head else ""
+    print(f"[tur] detected {found.describe()} from {source}{dropped}", flush=True)
+    return model.eval()
+
+
+def _is_downloaded_checkpoint(path: Path) -> bool:
+    """Whether ``--model PATH`` holds weights from elsewhere (a state dict, BasicSR, Lightning or plain safetensors
+    file) rather than a tur_ext artifact or training checkpoint, which keep their own loaders and errors."""
+    import pickle
+
+    import torch
+
+    from .export import artifact_kind
+    from .integrity import verify_zip
+    from .models.weights import is_safetensors
+    from .train.checkpoint import FORMAT
+
+    if not path.is_file():
+        return False
+    if is_safetensors(path):
+        return not _has_tur_metadata(path)
+    try:
+        kind = artifact_kind(path)
+    except ValueError:
+        kind = None  # not a zip archive: a torch file in the legacy format, or no model at all
+    if kind in ("torchscript", "aoti"):
+        return False
+    if kind == "checkpoint":
+        verify_zip(path, "model")  # a bit-rotted file is refused as such, whatever it holds
+    try:
+        # Only the top-level dict is needed: mmap leaves the tensors on disk.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "checkpoint")
+    except pickle.UnpicklingError:
+        # weights_only refused an object. Training checkpoints hold none; a Lightning download does (its
+        # hyper_parameters). A non-zip file refused here is no torch file: the artifact loader says so.
+        return kind == "checkpoint"
+    except Exception:  # noqa: BLE001 - unreadable: the artifact loader names the problem
+        return False
+    return isinstance(payload, dict) and payload.get("format") != FORMAT
+
+
 def _restorer_for(args: argparse.Namespace) -> Any:
     """The Restorer of ``tur restore``'s ``--model FILE`` or ``--arch``/``--weights``."""
-    from .export import build_metadata, prepare_for_export
-    from .inference import Restorer, _EagerModel, load_restorer
+    from .inference import Restorer, load_restorer
     from .models.weights import is_safetensors
 
     if args.model is not None and (args.arch is not None or args.weights is not None):
@@ -212,6 +286,8 @@ def _restorer_for(args: argparse.Namespace) -> Any:
     if args.config and args.arch is None:
         raise ValueError("--config: only with --arch")
     path = Path(args.model) if args.model is not None else None
+    if path is not None and path.suffix.lower() != ".onnx" and _is_downloaded_checkpoint(path):
+        return _restorer_from_model(_detected_model(path, "--model"), [], args)
     if path is not None and path.is_file() and path.suffix.lower() == ".onnx":
         from .export_onnx import load_onnx
 
@@ -221,9 +297,17 @@ def _restorer_for(args: argparse.Namespace) -> Any:
         return Restorer(model, model.metadata, model.device)
     if path is not None and not (path.is_file() and is_safetensors(path)):
         return load_restorer(path, device=args.device, half=args.half, use_ema=not args.no_ema)
-    if path is not None:  # a safetensors file given as --model: it must say what it is
+    if path is not None:  # a tur_ext safetensors export given as --model: its header says what it is
         args = argparse.Namespace(**{**vars(args), "weights": str(path), "arch": None})
     model, tasks = _model_from_weights_args(args, "restore")
+    return _restorer_from_model(model, tasks, args)
+
+
+def _restorer_from_model(model: Any, tasks: List[str], args: argparse.Namespace) -> Any:
+    """An eager Restorer of ``model`` on ``--device`` (fp16 with ``--half``)."""
+    from .export import build_metadata, prepare_for_export
+    from .inference import Restorer, _EagerModel
+
     net = prepare_for_export(model, device=args.device, half=args.half)
     return Restorer(_EagerModel(net), build_metadata(net, artifact="eager", tasks=tasks),
                     next(net.parameters()).device)

@@ -212,14 +212,14 @@ def _same_run_config(run_dir: Path, cfg: dict) -> bool:
 
 def train_run(cfg: dict, spec: dict, result_path: str, keep_checkpoints: bool = False) -> dict:
     """Train (or finish) one run, evaluate it, write its result file; the body of a study worker process."""
-    from .cli import _demo_train
     from .train.evaluate import write_json
+    from .train.trainer import train_and_evaluate
 
     run_dir = Path(cfg["output_dir"])
     if run_dir.exists() and not _same_run_config(run_dir, cfg):
         shutil.rmtree(run_dir)  # a run of an earlier, different config: its checkpoints must not be resumed
     started = time.perf_counter()
-    metrics = _demo_train(cfg, None, cfg["train"]["threads"])
+    metrics = train_and_evaluate(cfg, threads=cfg["train"]["threads"])
     if not metrics:
         raise RuntimeError(f"run {spec['id']}: no evaluation metrics (is train.validate off?)")
     result = {**spec, "config_digest": config_digest(cfg), "tasks": metrics,

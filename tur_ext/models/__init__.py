@@ -7,10 +7,14 @@
     plain = strip_uncertainty(model)                       # forward(x) -> image, same weights
     restored = crop_to(plain(x), size)
 
+Weights from elsewhere: :func:`detect_file` (or :func:`detect_architecture` of a loaded checkpoint) says which
+registered architecture and ``build()`` configuration a file holds, :func:`load_weights` loads it.
+
 Registered names: see :func:`available`; each model has ``arch``, ``config``, ``size_multiple``, ``min_size``,
 ``input_range``/``output_range`` and ``supports_fp16``, and :func:`spec` gives the size facts without building one.
 """
 from .airnet import AirNet
+from .detect import Detection, detect_architecture, detect_file
 from .head import Backbone, UncertaintyHead, attach_uncertainty_head, strip_uncertainty
 from .nafnet import NAFNet
 from .padding import crop_to, pad_to_multiple, padded_size
@@ -24,6 +28,7 @@ from .weights import LoadReport, WeightsMismatchError, load_weights, read_state_
 __all__ = [
     "AirNet",
     "Backbone",
+    "Detection",
     "LoadReport",
     "ModelSpec",
     "NAFNet",
@@ -36,6 +41,8 @@ __all__ = [
     "available",
     "build",
     "crop_to",
+    "detect_architecture",
+    "detect_file",
     "from_model_range",
     "load_weights",
     "model_ranges",

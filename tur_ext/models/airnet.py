@@ -38,13 +38,14 @@ Encoder modes (``encoder``), for training:
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.deform_conv import require_compiled
+from .detect import count, has_keys, shape
 from .head import HEAD_NAME, Backbone
 
 __all__ = ["AirNet", "ENCODER_MODES"]
@@ -273,6 +274,8 @@ class AirNet(Backbone):
     size_multiple = 1
     min_size = 1
     onnx_min_opset = 19  # ONNX DeformConv
+    # The module's keys are the authors' (release_state_dict is the default: the head, if any, is left out).
+    release_layout = "AirNet (XLearning-SCU/2022-CVPR-AirNet, ckpt/All.pth state dict)"
 
     def __init__(self, features: int = 64, groups: int = 5, blocks: int = 5, queue_size: int = 1280,
                  encoder: str = "moco"):
@@ -332,6 +335,23 @@ class AirNet(Backbone):
         """``(logits, labels)`` of the last training forward with a key view (then cleared), or None."""
         out, self._contrastive = self._contrastive, None
         return out
+
+    #: The keys :meth:`detect_config` looks for (``*``: a prefix); listed when a file matches no architecture.
+    detect_keys = ("E.E.encoder_q.*", "R.head.0.weight", "R.body.*")
+
+    @classmethod
+    def detect_config(cls, state_dict: Mapping[str, Tensor]) -> Optional[Dict[str, Any]]:
+        """The configuration of an AirNet state dict (either release's layout), or None if it is not one: the
+        width, the numbers of groups and of blocks per group, and the MoCo queue's width (the training batch size x
+        256). ``encoder`` is a training choice, not a shape."""
+        head = shape(state_dict, "R.head.0.weight", 4)
+        if head is None or not has_keys(state_dict, cls.detect_keys):
+            return None
+        # A group's body and the restorer's body each end with a plain conv after their blocks.
+        config = {"features": head[0], "groups": count(state_dict, "R.body.") - 1,
+                  "blocks": count(state_dict, "R.body.0.body.") - 1}
+        queue = shape(state_dict, _QUEUE_KEY, 2)
+        return {**config, "queue_size": queue[1]} if queue is not None else config
 
     @torch.jit.unused
     def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -9,11 +9,12 @@ height and width must be multiples of ``size_multiple = 2 ** len(enc_blocks)`` (
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .detect import count, has_keys, shape, unless_default
 from .head import Backbone
 
 __all__ = ["NAFNet", "NAFBlock"]
@@ -141,6 +142,31 @@ class NAFNet(Backbone):
     def size_multiple_for(cls, config: Mapping[str, Any]) -> int:
         enc = config.get("enc_blocks", inspect.signature(cls.__init__).parameters["enc_blocks"].default)
         return 2 ** len(enc)
+
+    #: The keys :meth:`detect_config` looks for (``*``: a prefix); listed when a file matches no architecture.
+    detect_keys = ("intro.weight", "ending.weight", "encoders.*")
+
+    @classmethod
+    def detect_config(cls, state_dict: Mapping[str, Tensor]) -> Optional[Dict[str, Any]]:
+        """The configuration of a NAFNet state dict (width and block counts per level, from its keys and shapes),
+        or None if it is not one."""
+        intro = shape(state_dict, "intro.weight", 4)
+        if intro is None or not has_keys(state_dict, cls.detect_keys):
+            return None
+        config: Dict[str, Any] = {
+            "width": intro[0],
+            "enc_blocks": [count(state_dict, f"encoders.{i}.") for i in range(count(state_dict, "downs."))],
+            "middle_blocks": count(state_dict, "middle_blks."),
+            "dec_blocks": [count(state_dict, f"decoders.{i}.") for i in range(count(state_dict, "ups."))],
+        }
+        # Every block has the same expansions: the first one found tells them.
+        block = next((k[:-len("conv1.weight")] for k in state_dict if k.endswith(".conv1.weight")), None)
+        if block is None:
+            return None
+        c = shape(state_dict, block + "norm1.weight", 1)[0]
+        return {**config, **unless_default(cls, in_channels=intro[1],
+                                           dw_expand=shape(state_dict, block + "conv1.weight")[0] // c,
+                                           ffn_expand=shape(state_dict, block + "conv4.weight")[0] // c)}
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.intro(x)

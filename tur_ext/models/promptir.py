@@ -15,12 +15,13 @@ checkpoint contains them.
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .detect import count, expansion_ratio, has_keys, shape, unless_default
 from .head import Backbone
 
 __all__ = ["PromptIR"]
@@ -292,6 +293,37 @@ class PromptIR(Backbone):
             sd.update({k: torch.zeros(v.shape, dtype=next(iter(sd.values())).dtype)
                        for k, v in full.state_dict().items() if k.startswith(_UNUSED_MODULES)})
         return sd
+
+    #: The keys :meth:`detect_config` looks for (``*``: a prefix); listed when a file matches no architecture.
+    detect_keys = ("patch_embed.proj.weight", "prompt1.prompt_param", "noise_level1.*")
+
+    @classmethod
+    def detect_config(cls, state_dict: Mapping[str, Tensor]) -> Optional[Dict[str, Any]]:
+        """The configuration of a PromptIR state dict, or None if it is not one. The release has one configuration;
+        the sizes are still read from the shapes so that smaller models trained with this package are found too."""
+        embed = shape(state_dict, "patch_embed.proj.weight", 4)
+        if embed is None or not has_keys(state_dict, cls.detect_keys):
+            return None
+        levels = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+        prompts = [shape(state_dict, f"prompt{i}.prompt_param", 5) for i in (1, 2, 3)]  # (1, len, dim, size, size)
+        # Hidden widths of every feed-forward, (dim, hidden): project_out maps hidden -> dim.
+        ffns = [shape(state_dict, k, 4)[:2] for k in state_dict if k.endswith(".ffn.project_out.weight")]
+        config: Dict[str, Any] = {
+            "dim": embed[0],
+            "num_blocks": [count(state_dict, f"{level}.") for level in levels],
+            "num_refinement_blocks": count(state_dict, "refinement."),
+            "heads": [shape(state_dict, f"{level}.0.attn.temperature", 3)[0] for level in levels],
+            "prompt_dims": [p[2] for p in prompts],
+            "prompt_sizes": [p[3] for p in prompts],
+            "prompt_len": prompts[0][1],
+        }
+        defaults = inspect.signature(cls.__init__).parameters
+        return {**config, **unless_default(
+            cls, in_channels=embed[1], out_channels=embed[1],
+            ffn_expansion_factor=expansion_ratio(ffns, defaults["ffn_expansion_factor"].default),
+            bias="patch_embed.proj.bias" in state_dict,
+            layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in state_dict else "BiasFree",
+            include_unused="chnl_reduce1.weight" in state_dict)}
 
     @torch.jit.unused
     def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .detect import has_keys, shape
 from .head import Backbone
 from .layers import DropPath
 from .value_range import check_value_range
@@ -430,6 +431,18 @@ class TransWeather(Backbone):
                   "convtail.conv_output.conv2d.weight": (3, 8, 3, 3), "convtail.conv_output.conv2d.bias": (3,)}
         sd.update({k: torch.zeros(shape, dtype=dtype) for k, shape in shapes.items()})
         return sd
+
+    #: The keys :meth:`detect_config` looks for (``*``: a prefix); listed when a file matches no architecture.
+    detect_keys = ("Tenc.patch_embed1.proj.weight", "Tdec.*", "convtail.*", "clean.conv2d.weight")
+
+    @classmethod
+    def detect_config(cls, state_dict: Mapping[str, Tensor]) -> Optional[Dict[str, Any]]:
+        """The configuration of a TransWeather state dict (either release's layout), or None if it is not one: the
+        embedding widths of the four encoder stages. The input range is not a shape: loading the weights sets it
+        from their layout (:meth:`adapt_state_dict`)."""
+        if not has_keys(state_dict, cls.detect_keys):
+            return None
+        return {"embed_dims": [shape(state_dict, f"Tenc.patch_embed{i}.proj.weight", 4)[0] for i in (1, 2, 3, 4)]}
 
     @torch.jit.unused
     def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -29,12 +29,13 @@ dropout rate of the release is 0), the shift mask built from index comparisons i
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .detect import count, expansion_ratio, has_keys, shape, unless_default, window_from_table
 from .head import Backbone
 from .layers import DropPath
 
@@ -308,6 +309,8 @@ class Uformer(Backbone):
     feature_channels = 64
     size_multiple = 128
     min_size = 128
+    # The module's keys are MiOIR's (release_state_dict is the default): spandrel detects them as Uformer.
+    release_layout = "Uformer (Xiangtaokong/MiOIR, BasicSR 'params')"
     supports_fp16 = False  # not verified on a GPU yet
 
     def __init__(self, embed_dim: int = 32, depths: Sequence[int] = _DEPTHS, num_heads: Sequence[int] = _HEADS,
@@ -387,6 +390,37 @@ class Uformer(Backbone):
 
     def reconstruct(self, features: Tensor, x: Tensor) -> Tensor:
         return x + self.output_proj(features)
+
+    #: The keys :meth:`detect_config` looks for (``*``: a prefix); listed when a file matches no architecture.
+    detect_keys = ("input_proj.proj.0.weight", "encoderlayer_0.*", "conv.blocks.*", "output_proj.*")
+
+    @classmethod
+    def detect_config(cls, state_dict: Mapping[str, Tensor]) -> Optional[Dict[str, Any]]:
+        """The configuration of a Uformer state dict (MiOIR's layout, with or without the TUR head), or None if it is
+        not one: the embedding width, the blocks and heads of the nine layers (heads: the columns of each layer's
+        relative-position bias table), the window size (from the table's (2w - 1)**2 rows: below 16 every layer's
+        windows have that size) and the feed-forward ratio. ``drop_path_rate`` is a training choice, not a shape."""
+        embed = shape(state_dict, "input_proj.proj.0.weight", 4)
+        if embed is None or not has_keys(state_dict, cls.detect_keys):
+            return None
+        layers = [f"encoderlayer_{i}" for i in range(_LEVELS)] + ["conv"] \
+            + [f"decoderlayer_{i}" for i in range(_LEVELS)]
+        tables = [shape(state_dict, f"{layer}.blocks.0.attn.relative_position_bias_table", 2) for layer in layers]
+        win = window_from_table(tables[0][0]) if None not in tables else None
+        if win is None:
+            return None
+        # LeFF widths, (dim, hidden): linear1 maps dim -> hidden.
+        mlps = [shape(state_dict, k, 2)[::-1] for k in state_dict if k.endswith(".mlp.linear1.0.weight")]
+        config: Dict[str, Any] = {
+            "embed_dim": embed[0],
+            "depths": [count(state_dict, f"{layer}.blocks.") for layer in layers],
+            "num_heads": [table[1] for table in tables],
+            "win_size": win,
+        }
+        return {**config, **unless_default(
+            cls, mlp_ratio=expansion_ratio(mlps, 4.0),
+            qkv_bias="encoderlayer_0.blocks.0.attn.qkv.to_q.bias" in state_dict,
+            modulator="decoderlayer_0.blocks.0.modulator.weight" in state_dict)}
 
     @torch.jit.unused
     def adapt_state_dict(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:

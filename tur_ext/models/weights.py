@@ -10,7 +10,8 @@ Recognised layouts (detected from the file's top-level keys):
   its contents; ``tur export --format safetensors`` writes those).
 
 An architecture whose releases use another key layout than its module maps them in
-:meth:`~tur_ext.models.Backbone.adapt_state_dict`, which runs before keys and shapes are compared.
+:meth:`~tur_ext.models.Backbone.adapt_state_dict`, which runs before keys and shapes are compared. Which
+architecture and configuration a file holds, when it does not say: :func:`tur_ext.models.detect_file`.
 
 Key prefixes added by ``DataParallel``/``DistributedDataParallel`` (``module.``) and ``torch.compile``
 (``_orig_mod.``) are removed. Files are never unpickled with code: torch files are read with
@@ -26,7 +27,7 @@ import os
 import pickle
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -171,6 +172,22 @@ class _DataOnlyPickle:
     load = staticmethod(lambda f, **kw: _DataOnlyUnpickler(f, **kw).load())
 
 
+def _reason(exc: BaseException) -> str:
+    """The gist of a torch.load error on one line (weights_only errors wrap it in paragraphs of advice)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split())
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """A zip archive (torch.save since 1.6), a pickle of protocol 2 or more (the legacy format) or a tar (older)."""
+    with open(path, "rb") as f:
+        head = f.read(262)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar"
+
+
 def read_checkpoint_file(path: Union[str, os.PathLike], *, inert_objects: bool = False) -> Dict[str, Any]:
     """The contents of a weights file without running code from it: safetensors (its tensors) or a torch file read
     with ``weights_only=True``. Errors name the file and what was expected.
@@ -191,24 +208,29 @@ def read_checkpoint_file(path: Union[str, os.PathLike], *, inert_objects: bool =
             return dict(load_file(source, device="cpu"))
         except Exception as exc:  # noqa: BLE001 - SafetensorError for any malformed file
             raise ValueError(f"{source}: not a readable safetensors file: {exc}") from exc
+    if not _looks_like_torch_file(source):
+        with open(source, "rb") as f:
+            head = f.read(16)
+        raise ValueError(f"{source}: cannot be read with torch.load: not a torch checkpoint or safetensors file "
+                         f"(it begins with {head!r})")
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not inert_objects:
             raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
                              f"containers are allowed; inert_objects=True reads other objects as inert data): "
-                             f"{exc}") from exc
+                             f"{_reason(exc)}") from exc
         first = exc
     except Exception as exc:  # noqa: BLE001 - a corrupt file makes torch's unpickler raise IndexError, KeyError,
         # UnicodeDecodeError, RuntimeError, EOFError, ... (about 1 random file in 10 is not an UnpicklingError)
-        raise ValueError(f"{source}: not a readable torch checkpoint or safetensors file: {exc}") from exc
+        raise ValueError(f"{source}: not a readable torch checkpoint or safetensors file: {_reason(exc)}") from exc
     # A downloaded checkpoint often carries objects beside its weights (Lightning's hyper_parameters as a Namespace
     # or AttributeDict, a trainer's config classes). They are kept as inert data rather than refused or imported.
     try:
         payload = torch.load(source, map_location="cpu", weights_only=False, pickle_module=_DataOnlyPickle)
     except Exception as exc:  # noqa: BLE001 - report the reason weights_only gave, which names the global
         raise ValueError(f"{source}: cannot be read with torch.load(weights_only=True) (only tensors and plain "
-                         f"containers are allowed): {first}") from exc
+                         f"containers are allowed): {_reason(first)}") from exc
     if not isinstance(payload, Mapping) or isinstance(payload, OpaqueObject):
         raise ValueError(f"{source}: expected a checkpoint dict, got {type(payload).__name__} "
                          f"({getattr(payload, 'qualified_name', '')})")
@@ -222,7 +244,7 @@ def _listing(title: str, keys: List[str]) -> str:
 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, Any]], *,
-                 strict_head: bool = True, inert_objects: bool = False) -> LoadReport:
+                 strict_head: bool = True, inert_objects: bool = False, source: Optional[str] = None) -> LoadReport:
     """Load a checkpoint into ``model`` (in place) and say what was loaded.
 
     ``path`` is a file (any layout of this module's docstring) or an already-loaded checkpoint dict. Every key must
@@ -230,17 +252,20 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike, Mapping[str, An
     first missing, unexpected and mismatched keys and names the file. With ``strict_head=False`` the uncertainty head
     is exempt: a head-less checkpoint loads into a model with a head (a warning says the head starts untrained), and
     a checkpoint's head is dropped when the model has none (to export a TUR-trained backbone). ``inert_objects``:
-    see :func:`read_checkpoint_file`.
+    see :func:`read_checkpoint_file`. ``source``: the name errors give a checkpoint dict (the file it was read from,
+    say; default ``"<state dict>"``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(strict_head, bool):
         raise TypeError(f"strict_head: expected a bool, got {type(strict_head).__name__}")
+    if source is not None and not isinstance(source, str):
+        raise TypeError(f"source: expected a str, got {type(source).__name__}")
     if isinstance(path, Mapping):
-        source, payload = "<state dict>", path
+        source, payload = source or "<state dict>", path
     elif isinstance(path, (str, os.PathLike)):
-        source = os.fspath(path)
-        payload = read_checkpoint_file(source, inert_objects=inert_objects)
+        source = source or os.fspath(path)
+        payload = read_checkpoint_file(path, inert_objects=inert_objects)
     else:
         raise TypeError(f"path: expected a file path or a checkpoint dict, got {type(path).__name__}")
 

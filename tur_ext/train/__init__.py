@@ -11,7 +11,7 @@ from .config import ConfigError, apply_overrides, load_config, parse_value, vali
 from .ema import ModelEMA
 from .evaluate import evaluate, evaluate_checkpoint
 from .schedule import CosineRestartSchedule, WarmupCosineSchedule, cosine_restart_factor, warmup_cosine_factor
-from .trainer import NonFiniteLossError, Trainer
+from .trainer import NonFiniteLossError, Trainer, train_and_evaluate
 
 __all__ = [
     "CheckpointManager",
@@ -34,4 +34,5 @@ __all__ = [
     "save_checkpoint",
     "validate",
     "warmup_cosine_factor",
+    "train_and_evaluate",
 ]

@@ -22,7 +22,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -603,3 +603,15 @@ class _LogAccumulator:
                 if (self.weight_n[i] if key == "weight" else self.present[i]) > 0:
                     row[f"{key}/{name}"] = float(mean[i])
         return row
+
+
+def train_and_evaluate(cfg: dict, *, progress_position: Optional[int] = None,
+                       threads: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Train ``cfg`` to its end (resuming what its output folder holds) and return the final validation's
+    ``{task: {"psnr", "ssim"}}``: one run of ``tur demo`` and of a ``tur study`` worker. ``threads`` sets torch's
+    intra-op threads first (side-by-side runs in worker processes share the cores)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with Trainer(cfg, progress_position=progress_position) as trainer:
+        summary = trainer.train()
+    return {t: {"psnr": m["psnr"], "ssim": m["ssim"]} for t, m in (summary["metrics"] or {}).items()}
