@@ -168,3 +168,31 @@ def test_python_m_tur_ext_ops_reports_the_backend_that_is_installed():
     assert registered == installed
     if installed:
         assert printed["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_the_cli_sits_on_top():
+    """No module of the package imports the ``tur`` entry point (``tur_ext.cli``) but ``__main__``: the library
+    and the export/restore subcommands work without it."""
+    import ast
+
+    import tur_ext
+
+    root = Path(tur_ext.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        module = ["tur_ext", *path.relative_to(root).with_suffix("").parts]
+        if module in (["tur_ext", "cli"], ["tur_ext", "__main__"]):
+            continue
+        package = module[:-1] if path.name != "__init__.py" else module[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - (node.level - 1)] if node.level else []
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                imported = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            else:
+                continue
+            if "tur_ext.cli" in imported:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli_support import Parser, run_command
+
 #: The quickstart recipe (configs/quickstart.yaml holds the same values; a test keeps them equal). Sized so that
 #: both demo trainings, evaluation and the report fit in a few minutes on 2 CPU cores.
 QUICKSTART: dict = {
@@ -59,22 +61,12 @@ QUICKSTART: dict = {
 DEMO_LOSSES = ("tur", "l1")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # exit code 2 with the usage, as argparse does, but through main's return value
-        self.print_usage(sys.stderr)
-        raise _UsageError(f"{self.prog}: error: {message}")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = _Parser(prog="tur", description="All-in-one image restoration trained with Task Uncertainty Regularization.")
+    p = Parser(prog="tur", description="All-in-one image restoration trained with Task Uncertainty Regularization.")
     p.add_argument("--version", action="version", version=f"tur_ext {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML config (see configs/)")
@@ -409,26 +401,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tur`` console script; returns the exit status (0 ok, 1 failure, 2 usage/config)."""
-    from .train.config import ConfigError
-
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as e:
-        print(e, file=sys.stderr)
-        return 2
-    try:
-        command = COMMANDS.get(args.command) or args.func
-        return command(args)
-    except ConfigError as e:
-        print(f"tur {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        print(f"tur {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"tur {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":

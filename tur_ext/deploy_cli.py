@@ -391,11 +391,13 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"export": cmd_export
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``export`` or ``restore`` (``argv`` without the program name); returns the exit status. The same
-    parser and error handling as ``tur``: this module only contributes the two subcommands."""
-    from .cli import main as tur_main
+    """Run ``export`` or ``restore`` (``argv`` without the program name); returns the exit status, with the
+    parser behaviour and error handling of ``tur`` (:mod:`tur_ext.cli_support`)."""
+    from .cli_support import Parser, run_command
 
-    return tur_main(argv)
+    parser = Parser(prog="tur", description="Export and run restoration models.")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    return run_command(parser, COMMANDS, argv)
 
 
 if __name__ == "__main__":
