@@ -102,3 +102,74 @@ def test_stale_temps_removed_and_resume_falls_back(tmp_path):
     said = []
     assert mgr.latest_loadable(log=said.append) == first
     assert len(said) == 1 and "step_00000002.pt" in said[0]
+
+
+# ------------------------------------------------------------------------------------- bounded-memory tiled restore
+
+@pytest.fixture(scope="module")
+def tiny_restorer(tmp_path_factory):
+    from export_helpers import session_artifacts
+
+    from tur_ext.inference import load_restorer
+
+    return load_restorer(session_artifacts(tmp_path_factory).torchscript.path)
+
+
+@pytest.mark.parametrize("shape, dtype", [((37, 53, 3), "uint8"), ((64, 40, 3), "uint16"), ((23, 70), "uint8"),
+                                          ((50, 45, 4), "uint8"), ((9, 9, 3), "uint8")])
+@pytest.mark.parametrize("tile, overlap", [(16, 4), (24, 0), (8, 3), (64, None)])
+def test_band_tiling_from_file_samples_equals_the_float_path(tiny_restorer, shape, dtype, tile, overlap):
+    """restore_file_pixels (tiles gathered from the uint samples through the padding's index maps, blended one row of
+    tiles at a time) gives the bits of the float path: whole float image, padded, tiled, blended, quantised."""
+    import numpy as np
+
+    from tur_ext.data.io import to_float_rgb
+    from tur_ext.inference import to_file_pixels
+
+    top = 255 if dtype == "uint8" else 65535
+    raw = (np.random.default_rng(sum(shape)).random(shape) * top).astype(dtype)
+    depth = 8 if dtype == "uint8" else 16
+    expected = to_file_pixels(tiny_restorer.restore_image(to_float_rgb(raw, "x"), tile=tile, overlap=overlap),
+                              depth)[:, :, ::-1]
+    got = tiny_restorer.restore_file_pixels(raw, depth, tile=tile, overlap=overlap)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+# ----------------------------------------------------------------------------------- AOTI packages altered later
+
+def _rezip(src, dst, change):
+    """Copy the zip ``src`` to ``dst`` with ``change(name, data) -> data`` applied (fresh, valid CRCs)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, change(info.filename, zin.read(info.filename)))
+
+
+def test_aoti_package_with_truncated_or_swapped_library_is_refused(tmp_path_factory, tmp_path):
+    """The zip's CRCs cannot see a library truncated (or replaced) and re-zipped; the manifest the export adds can.
+    Without it torch maps the truncated library and dies of a bus error."""
+    from export_helpers import session_artifacts
+
+    from tur_ext.export import load_exported
+
+    package = session_artifacts(tmp_path_factory).aoti.path
+    with zipfile.ZipFile(package) as zf:
+        names = zf.namelist()
+    assert any(n.endswith("/tur_manifest.json") for n in names)
+    verify_zip(package, "model")  # the export as written passes
+    library = next(n for n in names if n.endswith(".so"))
+    cases = {
+        "truncated": lambda n, d: d[:len(d) // 2] if n == library else d,
+        "swapped": lambda n, d: bytes(reversed(d)) if n == library else d,
+    }
+    for case, change in cases.items():
+        bad = tmp_path / f"{case}.pt2"
+        _rezip(package, bad, change)
+        with pytest.raises(CorruptFileError, match=r"model: .*%s.*the package was altered after export"
+                           % case):
+            load_exported(bad)
+    extra = tmp_path / "extra.pt2"
+    _rezip(package, extra, lambda n, d: d)
+    with zipfile.ZipFile(extra, "a") as zf:
+        zf.writestr(library.rsplit("/", 1)[0] + "/other.so", b"\x7fELF")
+    with pytest.raises(CorruptFileError, match="holds library .*other.so.* that the export did not write"):
+        load_exported(extra)

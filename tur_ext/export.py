@@ -370,6 +370,9 @@ def export_aoti(model: nn.Module, path: PathLike, *, tasks: Union[None, str, Seq
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(stage.staged),
                 inductor_configs={"aot_inductor.metadata": {AOTI_METADATA_KEY: json.dumps(meta)}})
+        from .integrity import add_manifest
+
+        add_manifest(stage.staged)  # sizes and CRCs of the library and weights, checked on every load
         reloaded = load_exported(stage.staged, device=device, half=half)
         parity = _check_parity(net, reloaded, inputs, PARITY_ATOL[_dtype_of(net)], f"export {out}")
         del reloaded  # release the package's shared library before the staged folder is removed

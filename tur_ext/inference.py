@@ -218,6 +218,66 @@ class Restorer:
         return y[0].permute(1, 2, 0).cpu().numpy()
 
 
+    def restore_file_pixels(self, pixels: np.ndarray, depth: int, *, tile: int, overlap: Optional[int] = None,
+                            source: PathLike = "image") -> np.ndarray:
+        """Tiled restoration of decoded file samples (:func:`tur_ext.data.io.read_file_pixels`) straight to the
+        samples of the output file ((H, W, 3) BGR, uint8 or uint16 for ``depth`` 8 or 16), in bounded memory.
+
+        The result equals ``to_file_pixels(restore_image(read_image(file), tile=..), depth)`` bit for bit, but
+        neither the float image nor its padding is ever built: each tile is gathered from ``pixels`` through the
+        padding's index maps and converted alone, and the blend is accumulated one row of tiles at a time (a band of
+        ``3 x tile x padded width`` floats), the rows no later tile touches being finished and written out. Memory:
+        the input and output samples plus one band and one tile in float. Raises FloatingPointError on non-finite
+        model outputs (``source`` names the image)."""
+        from .data.io import to_float_rgb
+        from .models.padding import padded_size, source_index
+
+        tiling = resolve_tiling(tile, overlap, self.size_multiple, self.min_size)
+        assert tiling is not None
+        t, o = tiling
+        h, w = int(pixels.shape[0]), int(pixels.shape[1])
+        ph, pw = padded_size(h, w, self.size_multiple, min_size=self.min_size)
+        rows, cols = source_index(h, ph).numpy(), source_index(w, pw).numpy()
+        ys, xs = tile_starts(ph, t, o), tile_starts(pw, t, o)
+        th, tw = min(t, ph), min(t, pw)
+        weight = blend_weights(th, o, len(ys))[:, None] * blend_weights(tw, o, len(xs))[None, :]
+        out = np.empty((h, w, 3), dtype=np.uint8 if depth == 8 else np.uint16)
+        acc = torch.zeros(1, 3, th, pw, dtype=torch.float32)
+        wsum = torch.zeros(th, pw, dtype=torch.float32)
+        with torch.inference_mode():
+            for k, y0 in enumerate(ys):
+                for x0 in xs:
+                    raw = pixels[rows[y0:y0 + th]][:, cols[x0:x0 + tw]]
+                    x = torch.from_numpy(to_float_rgb(raw, source)).permute(2, 0, 1)[None]
+                    y = self.model(self._to_model(x.to(self.device))).float().cpu()
+                    acc[..., x0:x0 + tw] += y * weight
+                    wsum[:, x0:x0 + tw] += weight
+                # Rows above the next band's start are final; the rest carry over into the next band.
+                done = (ys[k + 1] if k + 1 < len(ys) else y0 + th) - y0
+                self._finish_rows(acc[..., :done, :] / wsum[:done], out, y0, source)
+                keep = th - done
+                acc[..., :keep, :] = acc[..., done:, :].clone()
+                acc[..., keep:, :] = 0
+                wsum[:keep] = wsum[done:].clone()
+                wsum[keep:] = 0
+        return out
+
+    def non_finite_error(self, source: PathLike) -> FloatingPointError:
+        """The error for a model output with NaN or inf (a damaged model: never write a silently black image)."""
+        return FloatingPointError(f"model {self.metadata.get('arch')} ({self.metadata.get('artifact')}) produced "
+                                  f"non-finite values for {str(source)!r}; nothing written for it")
+
+    def _finish_rows(self, band: Tensor, out: np.ndarray, y0: int, source: PathLike) -> None:
+        h, w = out.shape[:2]
+        band = band[..., :max(0, min(band.shape[-2], h - y0)), :w]
+        if band.shape[-2] == 0:
+            return
+        if not torch.isfinite(band).all():
+            raise self.non_finite_error(source)
+        rgb = self._from_model(band)[0].permute(1, 2, 0).numpy()
+        out[y0:y0 + rgb.shape[0]] = to_file_pixels(rgb, 8 if out.dtype == np.uint8 else 16)[:, :, ::-1]
+
+
 def load_restorer(path: PathLike, *, device: Union[str, torch.device] = "cpu", half: bool = False,
                   use_ema: bool = True) -> Restorer:
     """A :class:`Restorer` for a TorchScript ``.pt``, an AOTInductor ``.pt2``, a training checkpoint or a run folder.
@@ -276,7 +336,7 @@ def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], 
     Refuses (before restoring anything) two inputs with the same file name and an output that would overwrite its
     input. ``progress(input, output)`` is called after each file.
     """
-    from .data.io import read_image, write_image
+    from .data.io import read_file_pixels, read_image, write_file_pixels, write_image
 
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
         raise TypeError("images: expected a list of image paths")
@@ -302,11 +362,16 @@ def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], 
     written = []
     for src in targets.values():
         dst = out / src.name
-        restored = restorer.restore_image(read_image(src), tile=tile, overlap=overlap)
-        if not np.isfinite(restored).all():  # a damaged model: never write a silently black image
-            raise FloatingPointError(f"model {restorer.metadata.get('arch')} ({restorer.metadata.get('artifact')}) "
-                                     f"produced non-finite values for {str(src)!r}; nothing written for it")
-        write_image(dst, to_file_pixels(restored, output_bit_depth(src, dst)))
+        depth = output_bit_depth(src, dst)
+        if tile is not None:  # bounded memory: uint samples in and out, one band of tiles in float
+            pixels = restorer.restore_file_pixels(read_file_pixels(src), depth, tile=tile, overlap=overlap,
+                                                  source=src)
+            write_file_pixels(dst, pixels)
+        else:
+            restored = restorer.restore_image(read_image(src))
+            if not np.isfinite(restored).all():
+                raise restorer.non_finite_error(src)
+            write_image(dst, to_file_pixels(restored, depth))
         written.append(dst)
         if progress is not None:
             progress(src, dst)

@@ -5,12 +5,18 @@ Every entry of these zip archives carries a CRC32; verifying them before loading
 """
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 import zlib
 from typing import Union
 
 PathLike = Union[str, os.PathLike]
+
+
+#: The entry (under the archive's top folder) that lists the size and CRC32 of every other entry as exported.
+MANIFEST_NAME = "tur_manifest.json"
+MANIFEST_FORMAT = "tur_ext.manifest"
 
 
 class CorruptFileError(ValueError):
@@ -37,9 +43,51 @@ def verify_zip(path: PathLike, what: str = "file") -> None:
                 if size != info.file_size or (crc & 0xFFFFFFFF) != info.CRC:
                     raise CorruptFileError(f"{what}: {p!r} is corrupt (entry {info.filename!r} fails its CRC32 "
                                            f"check); re-export or copy it again")
+            _check_manifest(zf, p, what)
     except CorruptFileError:
         raise
     except zipfile.BadZipFile as exc:  # includes zipfile's own CRC error on read
         raise CorruptFileError(f"{what}: {p!r} is corrupt or truncated ({exc})") from None
     except (EOFError, zlib.error) as exc:
         raise CorruptFileError(f"{what}: {p!r} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def _root(zf: zipfile.ZipFile) -> str:
+    first = zf.infolist()[0].filename if zf.infolist() else ""
+    return first.split("/", 1)[0] if "/" in first else ""
+
+
+def add_manifest(path: PathLike) -> None:
+    """Append to the zip at ``path`` a manifest of its entries (size and CRC32 each): a package whose library was
+    later truncated or swapped, and re-zipped with valid CRCs, no longer matches it (:func:`verify_zip`)."""
+    with zipfile.ZipFile(os.fspath(path), "a", compression=zipfile.ZIP_STORED) as zf:
+        entries = {i.filename: {"size": i.file_size, "crc32": i.CRC} for i in zf.infolist()}
+        name = f"{_root(zf)}/{MANIFEST_NAME}" if _root(zf) else MANIFEST_NAME
+        zf.writestr(name, json.dumps({"format": MANIFEST_FORMAT, "version": 1, "entries": entries}))
+
+
+def _check_manifest(zf: zipfile.ZipFile, p: str, what: str) -> None:
+    root = _root(zf)
+    name = f"{root}/{MANIFEST_NAME}" if root else MANIFEST_NAME
+    try:
+        raw = zf.read(name)
+    except KeyError:
+        return  # an export without a manifest (TorchScript, older packages): the CRCs above are the check
+    try:
+        manifest = json.loads(raw)
+        listed = manifest["entries"]
+        assert manifest.get("format") == MANIFEST_FORMAT and isinstance(listed, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise CorruptFileError(f"{what}: {p!r} has an unreadable {MANIFEST_NAME}; re-export it") from None
+    present = {i.filename: i for i in zf.infolist()}
+    for entry, want in listed.items():
+        info = present.get(entry)
+        if info is None:
+            raise CorruptFileError(f"{what}: {p!r} lacks entry {entry!r} that the export wrote: the package was "
+                                   f"altered after export")
+        if (info.file_size, info.CRC) != (want.get("size"), want.get("crc32")):
+            raise CorruptFileError(f"{what}: {p!r}: entry {entry!r} is {info.file_size} bytes (CRC32 {info.CRC:08x}), "
+                                   f"the export wrote {want.get('size')} bytes: the package was altered after export")
+    extra = [n for n in present if n.endswith(".so") and n not in listed]
+    if extra:
+        raise CorruptFileError(f"{what}: {p!r} holds library {extra[0]!r} that the export did not write")

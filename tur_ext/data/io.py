@@ -46,6 +46,13 @@ def read_image(path: PathLike) -> np.ndarray:
     8- and 16-bit files are scaled by their full range, gray images are repeated to three channels and an alpha
     channel is dropped. Raises :class:`ImageReadError` (naming the path) for a missing, empty or undecodable file.
     """
+    return to_float_rgb(read_file_pixels(path), path)
+
+
+def read_file_pixels(path: PathLike) -> np.ndarray:
+    """The decoded samples of an image file as OpenCV gives them: (H, W) or (H, W, C) in BGR(A) order, uint8,
+    uint16 or float; checked as :func:`read_image` does. :func:`to_float_rgb` of any crop of it equals the same crop
+    of ``read_image`` (what tiled restoration uses to convert one tile at a time)."""
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(path, "no such file")
@@ -63,7 +70,7 @@ def read_image(path: PathLike) -> np.ndarray:
         raise ImageReadError(path, " ".join(str(e).split())[-200:]) from None
     if img is None or img.size == 0:
         raise ImageReadError(path, "not a decodable image")
-    return _to_float_rgb(img, path)
+    return img
 
 
 def max_image_pixels() -> int:
@@ -86,7 +93,8 @@ def _check_pixel_limit(buf: np.ndarray, path: PathLike) -> None:
                                        f"raise it)")
 
 
-def _to_float_rgb(img: np.ndarray, path: PathLike) -> np.ndarray:
+def to_float_rgb(img: np.ndarray, path: PathLike) -> np.ndarray:
+    """Samples of :func:`read_file_pixels` -> float32 RGB (H, W, 3) in [0, 1] (``path`` only names errors)."""
     if img.dtype == np.uint8:
         out = img.astype(np.float32) / np.float32(255.0)
     elif img.dtype == np.uint16:
@@ -137,11 +145,21 @@ def write_image(path: PathLike, img: Union[np.ndarray, torch.Tensor]) -> None:
     ``img``: (H, W, 3) / (H, W) array (float in [0, 1] -> 8-bit; uint8 and uint16 written as they are), or a
     (3, H, W) float tensor. The format follows the extension of ``path``.
     """
-    p = Path(path)
-    ext = p.suffix.lower()
+    _check_image_path(path)
+    write_file_pixels(path, _to_file_pixels(img))
+
+
+def _check_image_path(path: PathLike) -> str:
+    ext = Path(path).suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"path: expected an image extension {IMAGE_EXTENSIONS}, got {str(path)!r}")
-    pixels = _to_file_pixels(img)
+    return ext
+
+
+def write_file_pixels(path: PathLike, pixels: np.ndarray) -> None:
+    """Write samples already in the file's order ((H, W) or (H, W, 3|4) BGR(A), uint8 or uint16) atomically."""
+    p = Path(path)
+    ext = _check_image_path(p)
     ok, encoded = cv2.imencode(ext, pixels)
     if not ok:
         raise ValueError(f"img: OpenCV cannot encode {pixels.dtype} {pixels.shape} as {ext} for {str(path)!r}")

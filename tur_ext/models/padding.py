@@ -44,8 +44,11 @@ def padded_size(height: int, width: int, multiple: int, *, min_size: int = 1) ->
     return -(-max(height, low) // m) * m, -(-max(width, low) // m) * m
 
 
-def _source_index(size: int, padded: int, mode: str, device: torch.device) -> Tensor:
-    """Indices into a dimension of ``size`` that produce ``padded`` entries (the first ``size`` are the identity)."""
+def source_index(size: int, padded: int, mode: str = "reflect", device: torch.device = torch.device("cpu")
+                 ) -> Tensor:
+    """Indices into a dimension of ``size`` that produce ``padded`` entries (the first ``size`` are the identity):
+    :func:`pad_to_multiple` is ``index_select`` with them, so a tile of the padded image can be gathered from the
+    unpadded one without building the padded image."""
     i = torch.arange(padded, device=device)
     if mode == "replicate" or size == 1:
         return i.clamp_(max=size - 1)
@@ -77,9 +80,9 @@ def pad_to_multiple(x: Tensor, multiple: int, *, mode: str = "reflect", min_size
     if (ph, pw) == (h, w):
         return x, (h, w)
     if ph != h:
-        x = x.index_select(-2, _source_index(h, ph, mode, x.device))
+        x = x.index_select(-2, source_index(h, ph, mode, x.device))
     if pw != w:
-        x = x.index_select(-1, _source_index(w, pw, mode, x.device))
+        x = x.index_select(-1, source_index(w, pw, mode, x.device))
     return x, (h, w)
 
 
