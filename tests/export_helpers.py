@@ -99,8 +99,12 @@ def repackage_with_torch_version(src: Path, dst: Path, version: str) -> None:
     import json
     import zipfile
 
+    from tur_ext.integrity import MANIFEST_NAME, add_manifest
+
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
+            if info.filename.endswith("/" + MANIFEST_NAME):
+                continue  # rewritten below, as that release's export would have written it
             data = zin.read(info)
             if info.filename.endswith("_metadata.json"):
                 entries = json.loads(data)
@@ -110,3 +114,4 @@ def repackage_with_torch_version(src: Path, dst: Path, version: str) -> None:
                     entries["tur_meta"] = json.dumps(meta)
                     data = json.dumps(entries).encode()
             zout.writestr(info.filename, data)
+    add_manifest(dst)

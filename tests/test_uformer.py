@@ -341,11 +341,12 @@ def test_runner_and_tur_restore_on_the_released_layout(released_export, tmp_path
 
 @slow_exports
 def test_dynamic_export_non_square_sizes():
-    """torch.export with batch, H and W dynamic (multiples of 32 from 32 up) against eager."""
+    """torch.export with batch, H and W dynamic (multiples of 32 from export_min_size = 64 up) against eager."""
     net = prepare_for_export(small_model(uncertainty=True))
+    assert net.export_min_size == 64
     program = export_program(net).module()
     with torch.no_grad():
-        for b, h, w in ((1, 32, 32), (2, 32, 64), (1, 96, 64), (1, 128, 160)):
+        for b, h, w in ((1, 64, 64), (2, 64, 96), (1, 96, 64), (1, 128, 160)):
             x = torch.rand(b, 3, h, w)
             assert (program(x) - net(x)).abs().max().item() <= 1e-4
 
@@ -354,7 +355,7 @@ def test_dynamic_export_non_square_sizes():
 @needs_runner
 def test_aoti_export_restore_and_runner(tmp_path):
     result = export_aoti(small_model(uncertainty=True), tmp_path / "uformer.pt2")
-    assert result.metadata["min_size"] == 32 and max(result.parity.values()) <= 1e-4
+    assert result.metadata["min_size"] == 64 and max(result.parity.values()) <= 1e-4
     image = _photos(tmp_path)["photo.png"]
     assert deploy_cli.main(["restore", "--model", str(result.path), str(image), "--out", str(tmp_path / "py")]) == 0
     proc = subprocess.run([str(RUNNER), "--model", str(result.path), "--input", str(image), "--output",

@@ -341,6 +341,9 @@ class Uformer(Backbone):
         # Windows of win_size at the 1/16 bottleneck: sides are multiples of 16 * win_size, the smallest is one window.
         self.size_multiple = 2 ** _LEVELS * win_size
         self.min_size = self.size_multiple
+        # At the smallest size the bottleneck is one window per image, and torch.export specialises its graph on
+        # that size-1 window count (a guard fails at B = 1): dynamic exports hold from two windows up.
+        self.export_min_size = 2 * self.size_multiple
         rate = float(drop_path_rate)
         enc = _drop_path_rates(rate, sum(depths[:_LEVELS]))
         dec = enc[::-1]
