@@ -173,3 +173,85 @@ def test_aoti_package_with_truncated_or_swapped_library_is_refused(tmp_path_fact
         zf.writestr(library.rsplit("/", 1)[0] + "/other.so", b"\x7fELF")
     with pytest.raises(CorruptFileError, match="holds library .*other.so.* that the export did not write"):
         load_exported(extra)
+
+
+# ------------------------------------------------------------------------------- full and read-only file systems
+
+@pytest.fixture
+def small_mounts(tmp_path):
+    """A 256 KiB tmpfs (``full``) and a read-only tmpfs (``ro``) under tmp_path; skips where mounting is not
+    allowed (not root, or no mount namespace)."""
+    import subprocess
+
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir(), ro.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], capture_output=True)
+    if ok.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({ok.stderr.decode().strip()[:80]})")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], check=True)
+    yield full, ro
+    for m in (full, ro):
+        subprocess.run(["umount", str(m)], capture_output=True)
+
+
+def test_full_and_read_only_disks_are_one_line_errors(small_mounts, tmp_path_factory, tmp_path, capsys):
+    import errno
+
+    import numpy as np
+
+    from export_helpers import session_artifacts
+
+    from tur_ext.cli import main
+    from tur_ext.data.io import write_image
+    from tur_ext.train.checkpoint import atomic_torch_save
+
+    full, ro = small_mounts
+    model = session_artifacts(tmp_path_factory).torchscript.path
+    # A checkpoint that does not fit: torch's zip writer fails mid-write; nothing is left behind.
+    with pytest.raises(OSError) as info:
+        atomic_torch_save({"w": torch.randn(256, 1024)}, full / "ck.pt")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(full / "ck.pt")
+    assert list(full.iterdir()) == []
+    # An image that does not fit.
+    with pytest.raises(OSError) as info:
+        write_image(full / "big.png", np.random.default_rng(0).random((300, 400, 3)).astype(np.float32))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(full / "big.png")
+    assert list(full.iterdir()) == []
+    src = tmp_path / "photo.png"
+    write_image(src, np.random.default_rng(1).random((300, 400, 3)).astype(np.float32))
+    capsys.readouterr()
+    cases = [(["restore", "--model", str(model), str(src), "--out", str(ro / "out")], "is on a read-only file system"),
+             (["restore", "--model", str(model), str(src), "--out", str(full)], "no space left on")]
+    for argv, message in cases:
+        assert main(argv) == 3, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and str(ro if "read-only" in message else full) in err, err
+
+
+def test_bad_cli_numbers_and_sections_name_themselves(tmp_path, capsys):
+    from tur_ext.cli import main
+    from tur_ext.train.config import ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError, match=r"--set train=5: 'train' is a section, not a value; set one of its keys"):
+        apply_overrides({"train": {"steps": 10}}, ["train=5", "train.steps=3"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: nafnet-tiny}\ndata: {type: embedded, length: 10}\ntrain: {steps: 2}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--max-steps", "-3"]) == 1
+    assert "max_steps (--max-steps): expected a positive number of steps, got -3" in capsys.readouterr().err
+
+
+def test_trainer_seeds_every_rng_it_stores(tmp_path):
+    import random
+
+    import numpy as np
+
+    from tur_ext.train import Trainer, load_config
+
+    draws = []
+    for _ in range(2):
+        np.random.seed(None), random.seed(None)  # whatever the process did before
+        cfg = load_config(raw={"seed": 7, "model": {"name": "nafnet-tiny"}, "data": {"type": "embedded", "length": 10},
+                               "output_dir": str(tmp_path / "run"), "train": {"steps": 1}})
+        with Trainer(cfg):
+            draws.append((np.random.random(), random.random()))
+    assert draws[0] == draws[1]

@@ -5,10 +5,27 @@ point, so the library never depends on the CLI."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
-__all__ = ["Parser", "UsageError", "run_command"]
+__all__ = ["OS_ERROR_EXIT", "Parser", "UsageError", "describe_os_error", "run_command"]
+
+
+#: Exit status for operating-system errors (disk full, read-only or forbidden folders).
+OS_ERROR_EXIT = 3
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: ``no space left on <path>``, ``<path> is on a read-only file system`` and so on."""
+    where = e.filename or "the output folder"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on {where!s} (free some space or write elsewhere)"
+    if e.errno == errno.EROFS:
+        return f"{where!s} is on a read-only file system; choose a writable output folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied for {where!s}"
+    return f"{e.strerror or e}: {where!s}"
 
 
 class UsageError(Exception):
@@ -25,7 +42,7 @@ def run_command(parser: argparse.ArgumentParser, commands: Mapping[str, Callable
                 argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run its subcommand (``commands[args.command]``, else the ``func`` its subparser set).
     Returns the exit status: the command's, 2 for usage and config errors, 1 for a failure reported in one line,
-    130 when interrupted."""
+    3 for operating-system errors (disk full, read-only folder), 130 when interrupted."""
     from .train.config import ConfigError
 
     try:
@@ -42,6 +59,9 @@ def run_command(parser: argparse.ArgumentParser, commands: Mapping[str, Callable
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
         print(f"tur {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a read-only or forbidden folder: the path and the reason, one line
+        print(f"tur {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return OS_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"tur {args.command}: interrupted", file=sys.stderr)
         return 130

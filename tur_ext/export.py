@@ -277,8 +277,13 @@ class _StagedFile:
     def __enter__(self) -> "_StagedFile":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from .integrity import write_error
+
         shutil.rmtree(self.folder, ignore_errors=True)
+        named = write_error(exc, self.path) if exc is not None else None
+        if named is not None:
+            raise named from None
 
 
 def _out_path(path: PathLike, suffix: str, what: str) -> Path:

@@ -5,6 +5,7 @@ Every entry of these zip archives carries a CRC32; verifying them before loading
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -91,3 +92,14 @@ def _check_manifest(zf: zipfile.ZipFile, p: str, what: str) -> None:
     extra = [n for n in present if n.endswith(".so") and n not in listed]
     if extra:
         raise CorruptFileError(f"{what}: {p!r} holds library {extra[0]!r} that the export did not write")
+
+
+def write_error(exc: BaseException, path: PathLike):
+    """The OSError naming ``path`` that a failed write of ``path`` should raise, or None to re-raise ``exc``:
+    torch's zip writer reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc] unexpected pos
+    ..."), and a failed ``write`` raises an OSError that names no file."""
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)):
+        return OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror, os.fspath(path))
+    return None

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import torch
 
+from ..integrity import write_error
+
 PathLike = Union[str, os.PathLike]
 
 #: File extensions the folder datasets treat as images (lower case).
@@ -170,9 +172,12 @@ def write_file_pixels(path: PathLike, pixels: np.ndarray) -> None:
             f.write(encoded.tobytes())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; an image should be readable like any other output
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        named = write_error(exc, p)
+        if named is not None:
+            raise named from None
         raise

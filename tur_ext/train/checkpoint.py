@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..integrity import write_error
+
 FORMAT = "tur_ext.checkpoint"
 VERSION = 1
 _NAME_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -46,11 +48,14 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        named = write_error(exc, path)
+        if named is not None:
+            raise named from None
         raise
     _fsync_dir(path.parent)
 

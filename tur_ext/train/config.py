@@ -225,6 +225,9 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
             else:
                 raise ConfigError(f"--set {item}: {'.'.join(parts[:i])!r} is a value, not a section")
             if last:
+                if isinstance(nxt, dict) and not isinstance(value, dict):
+                    raise ConfigError(f"--set {item}: {where!r} is a section, not a value; set one of its keys, "
+                                      f"e.g. --set {where}.{next(iter(nxt), 'KEY')}=...")
                 node[key] = value
             else:
                 if nxt is None:

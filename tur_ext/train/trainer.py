@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,7 +152,11 @@ class Trainer:
             torch.set_num_threads(t["threads"])
         self.run_dir = Path(cfg["output_dir"])
         self.tasks = TaskSet(cfg["tasks"])
+        # Every RNG the checkpoints store is seeded (as BasicSR does), so user transforms drawing from numpy's or
+        # Python's global generators are reproducible too.
         torch.manual_seed(cfg["seed"])
+        np.random.seed(cfg["seed"] % 2 ** 32)
+        random.seed(cfg["seed"])
 
         # --- data
         bs = cfg["data"]["batch_size"]
@@ -455,6 +461,9 @@ class Trainer:
 
     def train(self, max_steps: Optional[int] = None) -> dict:
         """Train to ``train.steps``/``train.epochs`` (or stop after ``max_steps`` more steps); returns a summary."""
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or max_steps < 1):
+            raise ValueError(f"max_steps (--max-steps): expected a positive number of steps, got {max_steps!r}")
         t = self.cfg["train"]
         main = self.dist.is_main
         if not self._started:
