@@ -255,3 +255,33 @@ def test_trainer_seeds_every_rng_it_stores(tmp_path):
         with Trainer(cfg):
             draws.append((np.random.random(), random.random()))
     assert draws[0] == draws[1]
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint_and_never_repeats_validation_rows(tmp_path, capsys):
+    import csv
+
+    from test_trainer import tiny
+
+    from tur_ext.train import Trainer
+
+    def run(*overrides):
+        with Trainer(tiny(tmp_path / "run", "train.validate=true", "train.val_every=3", "train.resume=auto",
+                          *overrides)) as tr:
+            tr.train()
+        return tr
+
+    first = run()
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ckpts][-2:] == ["step_00000003.pt", "step_00000006.pt"]
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # the newest, truncated
+    (tmp_path / "run" / "checkpoints" / ".step_00000009.pt.tmp.999999999").write_bytes(b"partial")
+    capsys.readouterr()
+    again = run()
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "step_00000006.pt" in out and "removed .step_00000009" in out
+    assert again.step == 6 and not list((tmp_path / "run" / "checkpoints").glob(".step_*"))
+    run()  # a finished run re-run: its last validation is replaced, not appended again
+    with open(tmp_path / "run" / "val.csv", newline="") as f:
+        rows = [(r["step"], r["task"]) for r in csv.DictReader(f)]
+    assert len(rows) == len(set(rows)) and {s for s, _ in rows} == {"3", "6"}
+    assert first.step == 6

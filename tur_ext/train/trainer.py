@@ -289,7 +289,11 @@ class Trainer:
         if what is None:
             return None
         if what == "auto":
-            path = self.ckpts.latest()
+            if self.dist.is_main:
+                for p in self.ckpts.remove_stale_temps():
+                    print(f"[tur] removed {p.name}, left by a write that was killed", flush=True)
+            # A damaged newest checkpoint (a crash mid-copy, a full disk) falls back to the one before it.
+            path = self.ckpts.latest_loadable(log=lambda m: print(m, flush=True))
             if path is None:
                 return None
         else:
@@ -406,6 +410,8 @@ class Trainer:
         if self.dist.is_main and self.eval_loader is not None:
             metrics = evaluate(self.ema.module, self.eval_loader, self.tasks, device=self.device,
                                per_task=task_metric_settings(self.cfg["train"], self.tasks), amp_dtype=self.amp_dtype)
+            # Rows of this step are from an earlier attempt (a finished run re-run with --resume auto): replace them.
+            self.val_log.truncate_after(self.step - 1)
             for task, m in metrics.items():
                 self.val_log.write({"step": self.step, "task": task, **m})
             self.tb.scalars({f"val_psnr/{k}": m["psnr"] for k, m in metrics.items()}, self.step)
