@@ -285,3 +285,28 @@ def test_resume_auto_skips_a_truncated_newest_checkpoint_and_never_repeats_valid
         rows = [(r["step"], r["task"]) for r in csv.DictReader(f)]
     assert len(rows) == len(set(rows)) and {s for s, _ in rows} == {"3", "6"}
     assert first.step == 6
+
+
+def test_bad_eval_images_are_named_before_training_or_skipped(tmp_path):
+    """A 1x1 image and a corrupt file in an eval split: refused when the dataset is built (before any step), naming
+    the file and the option that skips them; with skip_bad_images they are dropped and counted."""
+    import numpy as np
+
+    from tur_ext.data.datasets import PairedEvalDataset
+    from tur_ext.data.io import ImageReadError, write_image
+    from tur_ext.tasks import TaskSet
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i, (h, w) in enumerate([(40, 48), (1, 1), (32, 32)]):
+        lq, gt = tmp_path / f"lq{i}.png", tmp_path / f"gt{i}.png"
+        write_image(lq, rng.random((h, w, 3)).astype(np.float32))
+        write_image(gt, rng.random((h, w, 3)).astype(np.float32))
+        pairs.append((lq, gt))
+    (tmp_path / "gt2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    tasks = TaskSet("3task")
+    with pytest.raises(ImageReadError, match=r"lq1\.png': 1x1 is smaller than 16 pixels \(data\.size_multiple=16\) "
+                                             r"\(and 2 more\); checked before training: set data\.skip_bad_images"):
+        PairedEvalDataset(pairs, "derain", tasks)
+    ds = PairedEvalDataset(pairs, "derain", tasks, skip_bad_images=True)
+    assert len(ds) == 1 and ds.num_bad_images == 3 and ds[0]["gt"].shape[-2:] == (32, 48)

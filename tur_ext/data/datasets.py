@@ -291,14 +291,17 @@ def find_pairs(root: PathLike, lq_dir: Union[str, Sequence[str]], gt_dirs: Seque
     return pairs, missing
 
 
-def _verify_readable(paths: Sequence[str]) -> dict[str, str]:
-    """Decode every path once (threads: OpenCV releases the GIL); returns {bad path: reason}."""
+def _verify_readable(paths: Sequence[str], min_side: int = 1, why: str = "") -> dict[str, str]:
+    """Decode every path once (threads: OpenCV releases the GIL); returns {bad path: reason}: unreadable, or a
+    side under ``min_side`` (``why`` says what sets it)."""
     def check(p: str) -> Optional[tuple[str, str]]:
         try:
-            read_image(p)
-            return None
+            h, w = read_image(p).shape[:2]
         except ImageReadError as e:
             return p, e.reason
+        if min(h, w) < min_side:
+            return p, f"{w}x{h} is smaller than {min_side} pixels ({why})"
+        return None
 
     uniq = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
@@ -307,6 +310,13 @@ def _verify_readable(paths: Sequence[str]) -> dict[str, str]:
 
 class _FolderDataset(RestorationDataset):
     """Items are (task, lq path or None, gt path); lq None means "synthesise lq from gt" (noise on the fly)."""
+
+    #: Decode every file when the dataset is built (eval splits: few images, and a bad one must not end a training
+    #: run at its first validation); otherwise only with ``skip_bad_images``.
+    verify_up_front = False
+
+    def _min_side(self) -> tuple[int, str]:
+        return 1, ""
 
     def __init__(self, tasks, *, skip_bad_images: bool = False):
         super().__init__(tasks)
@@ -325,9 +335,14 @@ class _FolderDataset(RestorationDataset):
 
     def _finalize(self) -> None:
         """Drop records with unreadable files when skipping (decoding each file once), then index tasks."""
-        if self.skip_bad_images and self.records:
+        if (self.skip_bad_images or self.verify_up_front) and self.records:
             paths = [p for _, lq, gt in self.records for p in (lq, gt) if p is not None]
-            bad = _verify_readable(paths)
+            bad = _verify_readable(paths, *self._min_side())
+            if bad and not self.skip_bad_images:
+                p, reason = next(iter(bad.items()))
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise ImageReadError(p, f"{reason}{more}; checked before training: set data.skip_bad_images: true "
+                                        f"to skip such images")
             for p, reason in bad.items():
                 self._skip(p, reason)
             self.records = [r for r in self.records if r[1] not in bad and r[2] not in bad]
@@ -371,6 +386,11 @@ class _FolderTrain(_FolderDataset):
 
 class _FolderEval(_FolderDataset):
     """Whole images cropped to a multiple of ``size_multiple`` (or a centre crop); deterministic noise."""
+
+    verify_up_front = True
+
+    def _min_side(self) -> tuple[int, str]:
+        return self.size_multiple, f"data.size_multiple={self.size_multiple}"
 
     def __init__(self, tasks, *, seed: int = 0, crop: Optional[int] = None, size_multiple: int = 16,
                  max_images: Optional[int] = None, skip_bad_images: bool = False):
