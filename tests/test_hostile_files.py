@@ -310,3 +310,51 @@ def test_bad_eval_images_are_named_before_training_or_skipped(tmp_path):
         PairedEvalDataset(pairs, "derain", tasks)
     ds = PairedEvalDataset(pairs, "derain", tasks, skip_bad_images=True)
     assert len(ds) == 1 and ds.num_bad_images == 3 and ds[0]["gt"].shape[-2:] == (32, 48)
+
+
+def test_jpeg_header_claiming_a_huge_frame_is_refused_before_decoding(tmp_path):
+    import cv2
+    import numpy as np
+
+    from tur_ext.data.io import ImageReadError, read_image
+
+    ok, enc = cv2.imencode(".jpg", (np.random.default_rng(0).random((16, 24, 3)) * 255).astype(np.uint8))
+    data = bytearray(enc.tobytes())
+    sof = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] == 0xC0)
+    data[sof + 5:sof + 7] = (60000).to_bytes(2, "big")
+    data[sof + 7:sof + 9] = (50000).to_bytes(2, "big")
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"bomb\.jpg': 50000x60000 pixels is over the limit of 1073741824"):
+        read_image(tmp_path / "bomb.jpg")
+
+
+def test_restore_keeps_alpha_and_keep_going_reports_bad_images(tmp_path_factory, tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    from export_helpers import session_artifacts
+
+    from tur_ext import deploy_cli
+    from tur_ext.data.io import read_image
+
+    model = session_artifacts(tmp_path_factory).torchscript.path
+    rng = np.random.default_rng(2)
+    rgba = (rng.random((24, 32, 4)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    cv2.imwrite(str(tmp_path / "b.jpg"), rgba[:, :, :3])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for tile in ([], ["--tile", "16"]):
+        out = tmp_path / f"out{len(tile)}"
+        argv = ["restore", "--model", str(model), str(tmp_path / "a.png"), str(tmp_path / "bad.png"),
+                str(tmp_path / "b.jpg"), "--out", str(out), *tile]
+        assert deploy_cli.main(argv) == 1  # without --keep-going the bad file stops it
+        capsys.readouterr()
+        assert deploy_cli.main([*argv, "--keep-going"]) == 1
+        captured = capsys.readouterr()
+        assert f"[tur] skipped {tmp_path / 'bad.png'}: not a decodable image" in captured.out
+        assert "images: 1 of 3 could not be read and were skipped" in captured.err
+        kept = cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED)
+        assert kept.shape == (24, 32, 4) and np.array_equal(kept[:, :, 3], rgba[:, :, 3])
+        assert np.array_equal(cv2.imread(str(out / "a.png"))[:, :, ::-1],
+                              (read_image(out / "a.png") * 255).round().astype(np.uint8))
+        assert (out / "b.jpg").is_file()

@@ -117,6 +117,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     r.add_argument("--tile", type=int, default=None,
                    help="tile size in pixels (rounded down to the size multiple; 0 or absent: whole image)")
     r.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default min(32, tile/2))")
+    r.add_argument("--keep-going", action="store_true",
+                   help="skip unreadable images (each reported), restore the others, and fail at the end with a list")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--half", action="store_true", help="fp16 inference (CUDA only, models that support it)")
     r.add_argument("--no-ema", action="store_true", help="for a training checkpoint: use params, not params_ema")
@@ -168,7 +170,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None  # "tile: ..." -> "--tile: ...": name the option the user typed
     written = restore_files(restorer, args.images, args.out, tile=tile, overlap=args.overlap,
-                            progress=lambda src, dst: print(f"[tur] {src} -> {dst}", flush=True))
+                            progress=lambda src, dst: print(f"[tur] {src} -> {dst}", flush=True),
+                            keep_going=args.keep_going, log=lambda m: print(m, flush=True))
     print(f"[tur] restored {len(written)} image(s) into {args.out}")
     return 0
 

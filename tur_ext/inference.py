@@ -327,16 +327,33 @@ def to_file_pixels(image: np.ndarray, depth: int) -> np.ndarray:
     return out.astype(np.uint8 if depth == 8 else np.uint16)
 
 
+#: Output formats that keep an alpha channel (the input's is carried over unchanged).
+ALPHA_FORMATS = (".png", ".tif", ".tiff", ".webp")
+
+
+def _with_alpha(pixels: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """The restored BGR samples plus the input's alpha, rescaled to the output's sample depth."""
+    alpha = raw[:, :, -1]
+    if alpha.dtype != pixels.dtype:
+        alpha = (alpha.astype(np.uint32) * 257).astype(np.uint16) if pixels.dtype == np.uint16 else \
+            np.round(alpha.astype(np.float64) / 257.0).astype(np.uint8)
+    return np.dstack([pixels, alpha])
+
+
 def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], out_dir: PathLike, *,
                   tile: Optional[int] = None, overlap: Optional[int] = None,
                   device: Union[str, torch.device] = "cpu", half: bool = False,
-                  progress: Optional[Callable[[Path, Path], None]] = None) -> List[Path]:
+                  progress: Optional[Callable[[Path, Path], None]] = None, keep_going: bool = False,
+                  log: Callable[[str], None] = print) -> List[Path]:
     """Restore each image file into ``out_dir/<its file name>``; returns the written paths.
 
     Refuses (before restoring anything) two inputs with the same file name and an output that would overwrite its
-    input. ``progress(input, output)`` is called after each file.
+    input. ``progress(input, output)`` is called after each file. With ``tile``, memory stays bounded (see
+    :meth:`Restorer.restore_file_pixels`). An alpha channel is kept where the output format holds one (the
+    input's alpha, unchanged), else its drop is said once. ``keep_going``: an unreadable image is reported through
+    ``log`` and skipped, and a summary error lists the skipped files at the end (nothing is lost of the others).
     """
-    from .data.io import read_file_pixels, read_image, write_file_pixels, write_image
+    from .data.io import ImageReadError, read_file_pixels, to_float_rgb, write_file_pixels
 
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
         raise TypeError("images: expected a list of image paths")
@@ -359,20 +376,39 @@ def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], 
         targets[src.name] = src
     restorer = model if isinstance(model, Restorer) else load_restorer(model, device=device, half=half)
     resolve_tiling(tile, overlap, restorer.size_multiple, restorer.min_size)  # a bad tile fails before any file is written
-    written = []
+    written, failed, alpha_dropped = [], [], False
     for src in targets.values():
         dst = out / src.name
         depth = output_bit_depth(src, dst)
+        try:
+            raw = read_file_pixels(src)
+        except ImageReadError as exc:
+            if not keep_going:
+                raise
+            log(f"[tur] skipped {src}: {exc.reason}")
+            failed.append(str(src))
+            continue
         if tile is not None:  # bounded memory: uint samples in and out, one band of tiles in float
-            pixels = restorer.restore_file_pixels(read_file_pixels(src), depth, tile=tile, overlap=overlap,
-                                                  source=src)
-            write_file_pixels(dst, pixels)
+            pixels = restorer.restore_file_pixels(raw, depth, tile=tile, overlap=overlap, source=src)
         else:
-            restored = restorer.restore_image(read_image(src))
+            restored = restorer.restore_image(to_float_rgb(raw, src))
             if not np.isfinite(restored).all():
                 raise restorer.non_finite_error(src)
-            write_image(dst, to_file_pixels(restored, depth))
+            pixels = np.ascontiguousarray(to_file_pixels(restored, depth)[:, :, ::-1])
+        if raw.ndim == 3 and raw.shape[2] in (2, 4):  # gray + alpha, BGR + alpha
+            if dst.suffix.lower() in ALPHA_FORMATS:
+                pixels = _with_alpha(pixels, raw)
+            elif not alpha_dropped:
+                log(f"[tur] note: {src} has an alpha channel, which {dst.suffix} files cannot hold; written without "
+                    f"it (use .png to keep it)")
+                alpha_dropped = True
+        del raw
+        write_file_pixels(dst, pixels)
         written.append(dst)
         if progress is not None:
             progress(src, dst)
+    if failed:
+        raise ValueError(f"images: {len(failed)} of {len(targets)} could not be read and were skipped "
+                         f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); the other {len(written)} "
+                         f"were restored into {str(out)!r}")
     return written

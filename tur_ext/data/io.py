@@ -84,11 +84,29 @@ def max_image_pixels() -> int:
         raise ValueError(f"TUR_MAX_IMAGE_PIXELS: expected a number of pixels, got {value!r}") from None
 
 
-def _check_pixel_limit(buf: np.ndarray, path: PathLike) -> None:
-    # From the PNG IHDR before decoding, so a decompression bomb is refused without allocating its pixels.
+def _header_size(buf: np.ndarray) -> Optional[tuple[int, int]]:
+    """(width, height) from a PNG IHDR or a JPEG start-of-frame, without decoding; None for other formats."""
     head = buf[:24].tobytes()
     if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
-        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] == b"\xff\xd8":
+        data, i = buf[: 1 << 20].tobytes(), 2  # the frame header comes before the image data
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, height, width
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            i += 2 + length
+    return None
+
+
+def _check_pixel_limit(buf: np.ndarray, path: PathLike) -> None:
+    # From the header before decoding, so a decompression bomb is refused without allocating its pixels.
+    size = _header_size(buf)
+    if size is not None:
+        w, h = size
         limit = max_image_pixels()
         if w * h > limit:
             raise ImageReadError(path, f"{w}x{h} pixels is over the limit of {limit} (set TUR_MAX_IMAGE_PIXELS to "
