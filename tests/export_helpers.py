@@ -115,3 +115,26 @@ def repackage_with_torch_version(src: Path, dst: Path, version: str) -> None:
                     data = json.dumps(entries).encode()
             zout.writestr(info.filename, data)
     add_manifest(dst)
+
+
+def write_photos(folder: Path, sizes: Dict[str, tuple]) -> Dict[str, Path]:
+    """``{name: (h, w)}`` -> PNG crops of one photo (:func:`photo_crop`) written under ``folder``; their paths."""
+    import cv2
+
+    out = {}
+    for name, (h, w) in sizes.items():
+        assert cv2.imwrite(str(folder / name), np.ascontiguousarray(photo_crop(h, w)[:, :, ::-1]))
+        out[name] = folder / name
+    return out
+
+
+def run_runner(model: Path, image: Path, out: Path, *extra: str) -> np.ndarray:
+    """``build/tur-restore`` on one image (must succeed); its output read back as int64 BGR samples."""
+    import subprocess
+
+    import cv2
+
+    proc = subprocess.run([str(runner_binary()), "--model", str(model), "--input", str(image), "--output", str(out),
+                           *extra], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return cv2.imread(str(out)).astype(np.int64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import tur_ext.ops
-from export_helpers import photo_crop, runner_binary
+from export_helpers import run_runner, runner_binary, write_photos
 from tur_ext import deploy_cli
 from tur_ext.export import export_aoti
 from tur_ext.export_onnx import export_onnx, load_onnx
@@ -385,17 +384,7 @@ def test_short_frozen_training_from_released_weights(tmp_path):
 # ------------------------------------------------------------------------------------------------ deployment
 
 def _photos(folder: Path) -> dict:
-    files = {"small.png": photo_crop(23, 31), "photo.png": photo_crop(70, 95)}
-    for name, rgb in files.items():
-        assert cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[:, :, ::-1]))
-    return {name: folder / name for name in files}
-
-
-def _run_runner(model: Path, image: Path, out: Path, *extra: str) -> np.ndarray:
-    proc = subprocess.run([str(RUNNER), "--model", str(model), "--input", str(image), "--output", str(out), *extra],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return cv2.imread(str(out)).astype(np.int64)
+    return write_photos(folder, {"small.png": (23, 31), "photo.png": (70, 95)})
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +426,7 @@ def test_runner_and_tur_restore_agree_on_the_torchscript_export(released_export,
     assert deploy_cli.main(["restore", "--model", str(folder / "airnet.pt"), *map(str, photos.values()),
                             "--out", str(tmp_path / "py")]) == 0
     for name, image in photos.items():
-        cpp = _run_runner(folder / "airnet.pt", image, tmp_path / f"cpp_{name}")
+        cpp = run_runner(folder / "airnet.pt", image, tmp_path / f"cpp_{name}")
         py = cv2.imread(str(tmp_path / "py" / name)).astype(np.int64)
         assert py.shape == cpp.shape == cv2.imread(str(image)).shape
         assert np.abs(py - cpp).max() <= 1, name
@@ -447,7 +436,7 @@ def test_runner_and_tur_restore_agree_on_the_torchscript_export(released_export,
     photo = photos["photo.png"]
     assert deploy_cli.main(["restore", "--model", str(folder / "airnet.pt"), str(photo), "--tile", "32",
                             "--out", str(tmp_path / "py_tiled")]) == 0
-    cpp = _run_runner(folder / "airnet.pt", photo, tmp_path / "cpp_tiled.png", "--tile", "32")
+    cpp = run_runner(folder / "airnet.pt", photo, tmp_path / "cpp_tiled.png", "--tile", "32")
     assert np.abs(cv2.imread(str(tmp_path / "py_tiled" / "photo.png")).astype(np.int64) - cpp).max() <= 1
 
 
@@ -459,7 +448,7 @@ def test_aoti_export_restore_and_runner(tmp_path):
     assert max(result.parity.values()) <= 1e-4
     image = _photos(tmp_path)["photo.png"]
     assert deploy_cli.main(["restore", "--model", str(result.path), str(image), "--out", str(tmp_path / "py")]) == 0
-    cpp = _run_runner(result.path, image, tmp_path / "cpp.png")
+    cpp = run_runner(result.path, image, tmp_path / "cpp.png")
     assert np.abs(cv2.imread(str(tmp_path / "py" / image.name)).astype(np.int64) - cpp).max() <= 1
 
 

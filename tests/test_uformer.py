@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -23,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export_helpers import photo_crop, runner_binary
+from export_helpers import run_runner, runner_binary, write_photos
 from tur_ext import deploy_cli
 from tur_ext.export import export_aoti, export_program, export_torchscript, model_from_weights, prepare_for_export
 from tur_ext.inference import load_restorer
@@ -286,10 +285,7 @@ def test_training_step_reaches_every_parameter():
 # ------------------------------------------------------------------------------------------------ deployment
 
 def _photos(folder: Path) -> dict:
-    files = {"small.png": photo_crop(40, 60), "photo.png": photo_crop(70, 95)}
-    for name, rgb in files.items():
-        assert cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[:, :, ::-1]))
-    return {name: folder / name for name in files}
+    return write_photos(folder, {"small.png": (40, 60), "photo.png": (70, 95)})
 
 
 @pytest.fixture(scope="module")
@@ -328,18 +324,15 @@ def test_runner_and_tur_restore_on_the_released_layout(released_export, tmp_path
     assert deploy_cli.main(["restore", "--model", str(folder / "uformer.pt"), *map(str, photos.values()),
                             "--out", str(tmp_path / "py")]) == 0
     for name, image in photos.items():
-        proc = subprocess.run([str(RUNNER), "--model", str(folder / "uformer.pt"), "--input", str(image),
-                               "--output", str(tmp_path / f"cpp_{name}")], capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr
+        cpp = run_runner(folder / "uformer.pt", image, tmp_path / f"cpp_{name}")
         py = cv2.imread(str(tmp_path / "py" / name)).astype(np.int64)
-        cpp = cv2.imread(str(tmp_path / f"cpp_{name}")).astype(np.int64)
         assert py.shape == cpp.shape == cv2.imread(str(image)).shape
         assert np.abs(py - cpp).max() <= 1, name
         assert py.std() > 10
 
 
-_BATCH1_GUARD = "torch.export of Uformer keeps a runtime guard that the batch is not 1 (B*nW/nW from the window attention, traced at batch 2): batch-1 calls of the exported program fail; open in issue 11"
+_BATCH1_GUARD = ("torch.export of Uformer keeps a runtime guard that the batch is not 1 (B*nW/nW from the window "
+                 "attention, traced at batch 2): batch-1 calls of the exported program fail; open in issue 11")
 
 
 @slow_exports
@@ -363,8 +356,5 @@ def test_aoti_export_restore_and_runner(tmp_path):
     assert result.metadata["min_size"] == 64 and max(result.parity.values()) <= 1e-4
     image = _photos(tmp_path)["photo.png"]
     assert deploy_cli.main(["restore", "--model", str(result.path), str(image), "--out", str(tmp_path / "py")]) == 0
-    proc = subprocess.run([str(RUNNER), "--model", str(result.path), "--input", str(image), "--output",
-                           str(tmp_path / "cpp.png")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    py = cv2.imread(str(tmp_path / "py" / image.name)).astype(np.int64)
-    assert np.abs(py - cv2.imread(str(tmp_path / "cpp.png")).astype(np.int64)).max() <= 1
+    cpp = run_runner(result.path, image, tmp_path / "cpp.png")
+    assert np.abs(cv2.imread(str(tmp_path / "py" / image.name)).astype(np.int64) - cpp).max() <= 1
