@@ -5,7 +5,11 @@
 // The same procedure as `tur restore` (tur_ext/inference.py): float RGB in [0, 1] -> the model's input value range
 // and channel order -> reflect-pad to the size multiple (and the smallest input size) -> whole image or overlapping
 // tiles blended with linear ramps (tiling.hpp) -> crop -> back from the model's output range -> clamp -> 8-bit
-// (16-bit when the input is 16-bit and the output is PNG/TIFF).
+// (16-bit when the input is 16-bit and the output is PNG/TIFF). With --tile the image is never held in float: tiles
+// are gathered from the decoded samples and blended one band (row of tiles) at a time, with the same arithmetic
+// (restore_tiled), so memory is the input and output samples plus one band.
+// Before anything is loaded: the output must not be the input, and the model archive must be intact (every entry's
+// CRC-32, and a .pt2 against its export manifest; zip_check.hpp). A NaN or inf in the model's output is an error.
 // Errors are one line on stderr, "tur-restore: error: ...", with the exit codes listed in kUsage.
 #include <c10/util/Exception.h>
 #include <caffe2/serialize/inline_container.h>
@@ -35,6 +39,7 @@
 
 #include "json_min.hpp"
 #include "tiling.hpp"
+#include "zip_check.hpp"
 
 namespace fs = std::filesystem;
 
@@ -184,11 +189,12 @@ class SilenceStderr {
 // --- images ---------------------------------------------------------------------------------------------------------
 
 struct Image {
-  torch::Tensor rgb;  // (1, 3, H, W) float32 in [0, 1], CPU
+  cv::Mat samples;  // as decoded: 8- or 16-bit or float, 1-4 channels (BGR(A) order), continuous
   bool sixteen_bit = false;
 };
 
-// As tur_ext.data.io.read_image: 8/16-bit scaled by their full range, float clamped, gray repeated, alpha dropped.
+// As tur_ext.data.io.read_image: checks the file and decodes it; the samples are converted to float only when (and
+// where) they are restored (samples_to_rgb).
 Image read_image(const std::string& path) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) fail(kInputError, "--input " + in_quotes(path) + ": no such file");
@@ -203,31 +209,59 @@ Image read_image(const std::string& path) {
   const int channels = img.channels();
   if (channels < 1 || channels > 4)
     fail(kInputError, "--input " + in_quotes(path) + ": unsupported channel count " + std::to_string(channels));
-  Image out;
-  torch::Tensor t;
   const int depth = img.depth();
-  cv::Mat c = img.isContinuous() ? img : img.clone();
+  if (depth != CV_8U && depth != CV_16U && depth != CV_32F && depth != CV_64F)
+    fail(kInputError, "--input " + in_quotes(path) + ": unsupported pixel type (expected 8- or 16-bit, or float)");
+  Image out;
+  out.samples = img.isContinuous() ? img : img.clone();
+  out.sixteen_bit = depth == CV_16U;
+  return out;
+}
+
+// Decoded samples (H, W, C) -> (1, 3, H, W) float32 RGB in [0, 1], CPU: 8/16-bit scaled by their full range, float
+// clamped, gray repeated, alpha dropped. The whole image and every tile of it go through this one function, so a
+// tile's values are exactly those of the same pixels in the whole image.
+torch::Tensor samples_to_rgb(const cv::Mat& img) {
+  const cv::Mat c = img.isContinuous() ? img : img.clone();
+  const int channels = c.channels(), depth = c.depth();
+  torch::Tensor t;
   if (depth == CV_8U) {
     t = torch::from_blob(c.data, {c.rows, c.cols, channels}, torch::kUInt8).to(torch::kFloat) / 255.0;
   } else if (depth == CV_16U) {
     cv::Mat wide;
     c.convertTo(wide, CV_32S);  // exact; int32 has full support in torch
     t = torch::from_blob(wide.data, {c.rows, c.cols, channels}, torch::kInt).to(torch::kFloat) / 65535.0;
-    out.sixteen_bit = true;
-  } else if (depth == CV_32F || depth == CV_64F) {
+  } else {
     cv::Mat f;
     c.convertTo(f, CV_32F);
     t = torch::from_blob(f.data, {c.rows, c.cols, channels}, torch::kFloat).clone().clamp(0.0, 1.0);
-  } else {
-    fail(kInputError, "--input " + in_quotes(path) + ": unsupported pixel type (expected 8- or 16-bit, or float)");
   }
   if (channels <= 2) {
     t = t.narrow(2, 0, 1).expand({-1, -1, 3});  // gray (+ alpha) -> RGB
   } else {
     t = t.narrow(2, 0, 3).flip({2});  // OpenCV's BGR(A) -> RGB
   }
-  out.rgb = t.permute({2, 0, 1}).unsqueeze(0).contiguous();
-  return out;
+  return t.permute({2, 0, 1}).unsqueeze(0).contiguous();
+}
+
+// The samples at rows[y0, y0 + th) x cols[x0, x0 + tw) of `src` (index maps into its rows and columns), as a Mat of
+// the same type: a tile of the padded image, read from the unpadded one.
+cv::Mat gather_tile(const cv::Mat& src, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                    int64_t y0, int64_t x0, int64_t th, int64_t tw) {
+  cv::Mat tile(static_cast<int>(th), static_cast<int>(tw), src.type());
+  const size_t es = src.elemSize();
+  for (int64_t i = 0; i < th; ++i) {
+    const uchar* s = src.ptr(static_cast<int>(rows[static_cast<size_t>(y0 + i)]));
+    uchar* d = tile.ptr(static_cast<int>(i));
+    for (int64_t j = 0; j < tw;) {  // runs of consecutive source columns in one copy
+      const int64_t c0 = cols[static_cast<size_t>(x0 + j)];
+      int64_t n = 1;
+      while (j + n < tw && cols[static_cast<size_t>(x0 + j + n)] == c0 + n) ++n;
+      std::memcpy(d + static_cast<size_t>(j) * es, s + static_cast<size_t>(c0) * es, static_cast<size_t>(n) * es);
+      j += n;
+    }
+  }
+  return tile;
 }
 
 bool holds_sixteen_bit(const std::string& path) {
@@ -254,8 +288,8 @@ void check_output(const std::string& path) {
   fs::remove(probe, ec);
 }
 
-// Float RGB in [0, 1] (1, 3, H, W) -> file, atomically (temporary file in the same folder, then rename).
-void write_image(const std::string& path, const torch::Tensor& rgb, bool sixteen_bit) {
+// Float RGB in [0, 1] (1, 3, H, W) -> the file's samples, (H, W) BGR 8- or 16-bit.
+cv::Mat to_file_pixels(const torch::Tensor& rgb, bool sixteen_bit) {
   const double scale = sixteen_bit ? 65535.0 : 255.0;
   // round(clip(x, 0, 1) * scale) in float32, ties to even: the same arithmetic as tur_ext.inference.to_file_pixels.
   auto hwc = (rgb[0].to(torch::kCPU, torch::kFloat).clamp(0.0, 1.0) * scale).round();
@@ -264,6 +298,11 @@ void write_image(const std::string& path, const torch::Tensor& rgb, bool sixteen
   cv::Mat wide(rows, cols, CV_32SC3, hwc.data_ptr<int32_t>());
   cv::Mat pixels;
   wide.convertTo(pixels, sixteen_bit ? CV_16U : CV_8U);  // exact: the values are integers in range
+  return pixels;
+}
+
+// The samples -> file, atomically (temporary file in the same folder, then rename).
+void write_image(const std::string& path, const cv::Mat& pixels) {
   fs::path target(path);
   fs::path tmp = target.parent_path() /
                  ("." + target.stem().string() + ".tmp-" + std::to_string(getpid()) + target.extension().string());
@@ -287,6 +326,21 @@ void write_image(const std::string& path, const torch::Tensor& rgb, bool sixteen
     fs::remove(tmp, ec);
     fail(kOutputError, "--output " + in_quotes(path) + ": cannot write the image: " + ec.message());
   }
+}
+
+// Whether writing `output` would replace `input`: the same path once normalised (also when neither exists yet), the
+// same path after resolving symbolic links, or the same file (a hard link).
+bool same_file(const std::string& input, const std::string& output) {
+  std::error_code ec1, ec2;
+  const fs::path a = fs::absolute(input, ec1).lexically_normal(), b = fs::absolute(output, ec2).lexically_normal();
+  if (!ec1 && !ec2 && a == b) return true;
+  const fs::path ca = fs::weakly_canonical(input, ec1), cb = fs::weakly_canonical(output, ec2);
+  if (!ec1 && !ec2 && ca == cb) return true;
+  if (fs::exists(input, ec1) && fs::exists(output, ec2)) {
+    std::error_code ec;
+    if (fs::equivalent(input, output, ec) && !ec) return true;
+  }
+  return false;
 }
 
 // --- models ---------------------------------------------------------------------------------------------------------
@@ -373,10 +427,25 @@ Metadata parse_metadata(const std::string& path, const std::string& text, Artifa
 
 std::string release(const std::string& version) { return version.substr(0, version.find('+')); }
 
+// Every entry of the archive against its CRC-32 (and a .pt2 against its manifest) before torch reads any of it
+// (zip_check.hpp). A file that is no zip at all passes here and is named "not a model" below.
+void verify_model_file(const std::string& path) {
+  try {
+    tur::zip::check_manifest(tur::zip::verify_archive(path));
+  } catch (const tur::zip::NotAZip&) {
+  } catch (const tur::zip::ZipError& e) {
+    fail(kModelError, "--model " + in_quotes(path) + e.what());
+  } catch (const std::bad_alloc&) {
+    fail(kModelError, "--model " + in_quotes(path) + " is corrupt (its central directory declares an impossible "
+                                                     "size); re-export or copy it again");
+  }
+}
+
 // What the file is, from its archive records, and its metadata; nothing is loaded yet.
 Metadata inspect_model(const std::string& path) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) fail(kModelError, model_error_prefix(path) + "no such file");
+  verify_model_file(path);
   std::vector<std::string> records;
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   try {
@@ -502,14 +571,79 @@ class Model {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> aoti_;
 };
 
-torch::Tensor restore(Model& model, const torch::Tensor& rgb, const torch::Device& device,
-                      const std::optional<std::pair<int64_t, int64_t>>& tiling) {
+[[noreturn]] void fail_non_finite(const std::string& model_path, const std::string& input_path) {
+  fail(kFailed, "model " + in_quotes(model_path) + " produced non-finite values on " + in_quotes(input_path) +
+                    "; nothing written");
+}
+
+// The whole image at once: (1, 3, H, W) float RGB in [0, 1] -> the same, restored.
+torch::Tensor restore_whole(Model& model, const torch::Tensor& rgb, const torch::Device& device,
+                            const std::string& model_path, const std::string& input_path) {
   const int64_t h = rgb.size(-2), w = rgb.size(-1);
   auto x = model.to_model(rgb.to(device, torch::kFloat));
   auto padded = tur::pad_to_multiple(x, model.size_multiple(), model.min_size());
-  auto fn = [&](const torch::Tensor& t) { return model(t); };
-  auto out = tiling ? tur::run_tiled(fn, padded, tiling->first, tiling->second) : fn(padded);
-  return model.from_model(out.narrow(-2, 0, h).narrow(-1, 0, w));
+  auto out = model(padded).narrow(-2, 0, h).narrow(-1, 0, w);
+  if (!torch::isfinite(out).all().item<bool>()) fail_non_finite(model_path, input_path);
+  return model.from_model(out);
+}
+
+// Tiled, in bounded memory: the decoded samples in, the file's samples out ((H, W) BGR 8- or 16-bit), and in between
+// one band (a row of tiles) of float accumulators, never the float or padded image. The result is bit for bit that
+// of tur::run_tiled on the padded float image (tur_ext.inference.Restorer.restore_file_pixels does the same):
+//  * a tile of the padded image is gathered from the samples through the padding's row and column index maps
+//    (tur::reflect_index, the rule of pad_to_multiple) and converted like the whole image (samples_to_rgb,
+//    Model::to_model): element-wise operations, so each value is the one the padded float image holds;
+//  * the tiles are visited in the same order (bands top to bottom, tiles left to right) and each adds out * weight
+//    and weight into accumulators of (C, tile_h, padded_W) and (tile_h, padded_W) for its band: every pixel sees the
+//    same float32 additions in the same order;
+//  * rows above the next band's first row receive nothing more: they are divided, mapped back, rounded and written
+//    to the output; the rest move up to the top of the accumulators, which start the next band.
+cv::Mat restore_tiled(Model& model, const cv::Mat& samples, const torch::Device& device, int64_t tile,
+                      int64_t overlap, bool sixteen_bit, const std::string& model_path,
+                      const std::string& input_path) {
+  const int64_t h = samples.rows, w = samples.cols, m = model.size_multiple(), min_size = model.min_size();
+  const int64_t ph = tur::round_up(std::max(h, min_size), m), pw = tur::round_up(std::max(w, min_size), m);
+  auto index_map = [](int64_t size, int64_t padded) {
+    auto t = tur::reflect_index(size, padded, torch::kCPU).contiguous();
+    return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + padded);
+  };
+  const std::vector<int64_t> rows = index_map(h, ph), cols = index_map(w, pw);
+  const auto ys = tur::tile_starts(ph, tile, overlap), xs = tur::tile_starts(pw, tile, overlap);
+  const int64_t th = std::min(tile, ph), tw = std::min(tile, pw);
+  auto wy = tur::blend_weights(th, overlap, ys.size()).to(device);
+  auto wx = tur::blend_weights(tw, overlap, xs.size()).to(device);
+  auto weight = wy.unsqueeze(1) * wx.unsqueeze(0);
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device);
+  torch::Tensor acc;  // (1, C, th, pw), allocated at the first tile (C: the model's output channels)
+  auto wsum = torch::zeros({th, pw}, f32);
+  cv::Mat out(static_cast<int>(h), static_cast<int>(w), sixteen_bit ? CV_16UC3 : CV_8UC3);
+  for (size_t k = 0; k < ys.size(); ++k) {
+    const int64_t y0 = ys[k];
+    for (int64_t x0 : xs) {
+      auto x = model.to_model(samples_to_rgb(gather_tile(samples, rows, cols, y0, x0, th, tw)).to(device, torch::kFloat));
+      auto y = model(x).to(torch::kFloat);
+      if (!acc.defined()) acc = torch::zeros({y.size(0), y.size(1), th, pw}, f32);
+      acc.narrow(-2, 0, th).narrow(-1, x0, tw).add_(y * weight);
+      wsum.narrow(-1, x0, tw).add_(weight);
+    }
+    // Rows [y0, next band's start) are final.
+    const int64_t done = (k + 1 < ys.size() ? ys[k + 1] : y0 + th) - y0;
+    const int64_t n = std::min(done, h - y0);
+    if (n > 0) {
+      auto band = acc.narrow(-2, 0, n).narrow(-1, 0, w) / wsum.narrow(0, 0, n).narrow(1, 0, w);
+      if (!torch::isfinite(band).all().item<bool>()) fail_non_finite(model_path, input_path);
+      to_file_pixels(model.from_model(band), sixteen_bit).copyTo(out.rowRange(static_cast<int>(y0),
+                                                                              static_cast<int>(y0 + n)));
+    }
+    const int64_t keep = th - done;
+    if (keep > 0) {
+      acc.narrow(-2, 0, keep).copy_(acc.narrow(-2, done, keep).clone());
+      wsum.narrow(0, 0, keep).copy_(wsum.narrow(0, done, keep).clone());
+    }
+    acc.narrow(-2, keep, th - keep).zero_();
+    wsum.narrow(0, keep, th - keep).zero_();
+  }
+  return out;
 }
 
 // Peak resident memory of this process (VmHWM; unlike getrusage it does not count the parent's pages before exec).
@@ -537,6 +671,8 @@ int run(int argc, char** argv) {
   const torch::Device device = parse_device(opt.device);
   c10::InferenceMode guard;
 
+  if (same_file(opt.input, opt.output))
+    fail(kUsageError, "--output: " + in_quotes(opt.output) + " is the input file; choose another path");
   Image image = read_image(opt.input);
   check_output(opt.output);
   Metadata meta = inspect_model(opt.model);
@@ -547,32 +683,43 @@ int run(int argc, char** argv) {
     fail(kUsageError, e.option + ": " + e.what());
   }
   const torch::ScalarType dtype = resolve_dtype(meta, device, opt.half, opt.model);
+  const int64_t height = image.samples.rows, width = image.samples.cols;
   if (meta.max_side > 0) {  // what the model will see: the padded image, or a tile of it
     const int64_t m = meta.size_multiple;
-    const int64_t side = std::max(tur::round_up(std::max(image.rgb.size(-2), meta.min_size), m),
-                                  tur::round_up(std::max(image.rgb.size(-1), meta.min_size), m));
+    const int64_t side = std::max(tur::round_up(std::max(height, meta.min_size), m),
+                                  tur::round_up(std::max(width, meta.min_size), m));
     const int64_t fed = tiling ? std::min(tiling->first, side) : side;
     if (fed > meta.max_side)
       fail(kUsageError, std::string(tiling ? "--tile" : "--input") + ": " + in_quotes(opt.model) +
                             " accepts sides up to " + std::to_string(meta.max_side) + " pixels; use --tile " +
                             std::to_string(meta.max_side / m * m) + " or smaller");
   }
+  const bool sixteen = image.sixteen_bit && holds_sixteen_bit(opt.output);
 
   auto t0 = std::chrono::steady_clock::now();
   Model model(opt.model, meta, device, dtype);
   const double load_ms = ms_since(t0);
 
-  torch::Tensor result;
+  // Whole image: the float image, converted once. Tiled: the decoded samples only (restore_tiled).
+  torch::Tensor rgb;
+  if (!tiling) rgb = samples_to_rgb(image.samples);
+  auto restore_once = [&]() -> cv::Mat {
+    if (tiling)
+      return restore_tiled(model, image.samples, device, tiling->first, tiling->second, sixteen, opt.model,
+                           opt.input);
+    return to_file_pixels(restore_whole(model, rgb, device, opt.model, opt.input), sixteen);
+  };
+  cv::Mat pixels;
   try {
     t0 = std::chrono::steady_clock::now();
-    result = restore(model, image.rgb, device, tiling);
+    pixels = restore_once();
     if (device.is_cuda()) torch::cuda::synchronize();
     const double first_ms = ms_since(t0);
     if (opt.benchmark > 0) {
       std::vector<double> times;
       for (int64_t i = 0; i < opt.benchmark; ++i) {
         t0 = std::chrono::steady_clock::now();
-        result = restore(model, image.rgb, device, tiling);
+        pixels = restore_once();
         if (device.is_cuda()) torch::cuda::synchronize();
         times.push_back(ms_since(t0));
       }
@@ -586,9 +733,8 @@ int run(int argc, char** argv) {
   } catch (const c10::Error& e) {
     fail(kFailed, "inference failed: " + first_line(e.what_without_backtrace()));
   }
-  const bool sixteen = image.sixteen_bit && holds_sixteen_bit(opt.output);
-  write_image(opt.output, result, sixteen);
-  std::cout << "tur-restore: wrote " << opt.output << " (" << result.size(-2) << "x" << result.size(-1) << ", "
+  write_image(opt.output, pixels);
+  std::cout << "tur-restore: wrote " << opt.output << " (" << pixels.rows << "x" << pixels.cols << ", "
             << (sixteen ? 16 : 8) << "-bit)\n";
   return kOk;
 }
