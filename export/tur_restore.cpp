@@ -219,7 +219,7 @@ Image read_image(const std::string& path) {
 }
 
 // Decoded samples (H, W, C) -> (1, 3, H, W) float32 RGB in [0, 1], CPU: 8/16-bit scaled by their full range, float
-// clamped, gray repeated, alpha dropped. The whole image and every tile of it go through this one function, so a
+// clamped, gray repeated, alpha left out (run() carries it over to the output). The whole image and every tile of it go through this one function, so a
 // tile's values are exactly those of the same pixels in the whole image.
 torch::Tensor samples_to_rgb(const cv::Mat& img) {
   const cv::Mat c = img.isContinuous() ? img : img.clone();
@@ -299,6 +299,35 @@ cv::Mat to_file_pixels(const torch::Tensor& rgb, bool sixteen_bit) {
   cv::Mat pixels;
   wide.convertTo(pixels, sixteen_bit ? CV_16U : CV_8U);  // exact: the values are integers in range
   return pixels;
+}
+
+bool holds_alpha(const std::string& path) {
+  auto ext = lower(fs::path(path).extension().string());
+  return ext == ".png" || ext == ".tif" || ext == ".tiff" || ext == ".webp";
+}
+
+// The restored BGR samples plus the input's alpha (its last channel), at the output's depth: 8 <-> 16 bit by 257,
+// float alpha like the colour, round(clip(a, 0, 1) * max); as tur_ext.inference._with_alpha.
+cv::Mat with_alpha(const cv::Mat& pixels, const cv::Mat& samples) {
+  cv::Mat alpha, out;
+  cv::extractChannel(samples, alpha, samples.channels() - 1);
+  const int want = pixels.depth();
+  if (alpha.depth() == CV_32F || alpha.depth() == CV_64F) {
+    auto t = torch::from_blob(alpha.ptr(), {alpha.rows, alpha.cols},
+                              alpha.depth() == CV_32F ? torch::kFloat : torch::kDouble)
+                 .to(torch::kFloat)
+                 .clamp(0.0, 1.0)
+                 .mul(want == CV_16U ? 65535.0 : 255.0)
+                 .round()
+                 .to(torch::kInt)
+                 .contiguous();
+    cv::Mat(alpha.rows, alpha.cols, CV_32SC1, t.data_ptr<int32_t>()).convertTo(alpha, want);
+  } else if (alpha.depth() != want) {
+    alpha.convertTo(alpha, want, want == CV_16U ? 257.0 : 1.0 / 257.0);  // x / 257 is never a tie
+  }
+  cv::Mat parts[] = {pixels, alpha};
+  cv::merge(parts, 2, out);
+  return out;
 }
 
 // The samples -> file, atomically (temporary file in the same folder, then rename).
@@ -732,6 +761,15 @@ int run(int argc, char** argv) {
     }
   } catch (const c10::Error& e) {
     fail(kFailed, "inference failed: " + first_line(e.what_without_backtrace()));
+  }
+  const int in_channels = image.samples.channels();
+  if (in_channels == 2 || in_channels == 4) {
+    if (holds_alpha(opt.output))
+      pixels = with_alpha(pixels, image.samples);
+    else
+      std::cerr << "tur-restore: note: " << opt.input << " has an alpha channel, which "
+                << fs::path(opt.output).extension().string() << " files cannot hold; written without it (use .png "
+                << "to keep it)\n";
   }
   write_image(opt.output, pixels);
   std::cout << "tur-restore: wrote " << opt.output << " (" << pixels.rows << "x" << pixels.cols << ", "

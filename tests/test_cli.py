@@ -135,6 +135,32 @@ def test_errors_exit_with_a_message(tmp_path, config_file, capsys):
     assert main([]) == 2
 
 
+def test_errors_are_one_line_and_debug_adds_the_traceback(tmp_path, capsys, monkeypatch):
+    from tur_ext.cli_support import Parser, run_command
+
+    missing = str(tmp_path / "missing.yaml")
+    assert main(["train", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "missing.yaml" in err
+    assert main(["train", missing, "--debug"]) == 1  # the flag may follow the subcommand's arguments
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.splitlines()[-1].startswith("tur train: error:")
+    monkeypatch.setenv("TUR_DEBUG", "1")
+    assert main(["train", missing]) == 1 and "Traceback" in capsys.readouterr().err
+    monkeypatch.delenv("TUR_DEBUG")
+
+    def broken(args):  # an error no handler names (a bug): one line, exit 1, and how to see more
+        return {}["no such key"]
+
+    parser = Parser(prog="tur")
+    parser.add_subparsers(dest="command", required=True, parser_class=Parser).add_parser("go")
+    assert run_command(parser, {"go": broken}, ["go"]) == 1
+    assert capsys.readouterr().err == "tur go: unexpected error: KeyError: 'no such key' (rerun with --debug for the traceback)\n"
+    assert run_command(parser, {"go": broken}, ["--debug", "go"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert "--debug" in parser.format_help()
+
+
 def test_help_lists_the_commands():
     r = _module("--help")
     assert r.returncode == 0

@@ -132,6 +132,14 @@ def test_unreadable_image_stops_with_path_or_is_skipped_and_counted(tmp_path):
     bad.write_bytes(b"this is not a png")
     _png(tmp_path / "Train" / "Derain" / "gt" / "norain-3.png", seed=9)
     cfg = {"type": "promptir3", "root": str(tmp_path), "patch_size": 16}
+    # a foreign file is found from its header when the dataset is built, before any training step
+    with pytest.raises(ImageReadError, match="rain-3.png.*OpenCV.*checked before training.*skip_bad_images"):
+        build_train_dataset(cfg, TASKS3)
+    # one whose header and end are intact but whose pixel data is damaged is found when drawn
+    _png(bad, seed=3)
+    data = bytearray(bad.read_bytes())
+    data[60:-20] = bytes(len(data) - 80)
+    bad.write_bytes(bytes(data))
     ds = build_train_dataset(cfg, TASKS3)
     with pytest.raises(ImageReadError, match="rain-3.png"):
         for i in range(len(ds)):
@@ -151,6 +159,48 @@ def test_unreadable_image_stops_with_path_or_is_skipped_and_counted(tmp_path):
     assert len(ds) == 3 * 3 + 2 + 2
     for i in range(len(ds)):
         ds[i]
+
+
+@pytest.mark.parametrize("damage", ["truncated_png", "empty", "huge_header", "pair_sizes", "truncated_jpeg_head"])
+def test_training_split_headers_are_checked_before_the_first_step(tmp_path, damage, monkeypatch):
+    """Without skip_bad_images, a training split is not decoded up front but every header is read."""
+    make_promptir_tree(tmp_path)
+    rain = tmp_path / "Train" / "Derain" / "rainy" / "rain-2.png"
+    haze = tmp_path / "Train" / "Dehaze" / "synthetic" / "part1" / "0001_0.8_0.2.jpg"
+    cfg = {"type": "promptir3", "root": str(tmp_path), "patch_size": 16}
+    if damage == "truncated_png":  # a copy cut short: signature and IHDR intact
+        bad, expect = rain, "truncated PNG"
+        bad.write_bytes(bad.read_bytes()[:-40])
+    elif damage == "empty":
+        bad, expect = rain, "empty file"
+        bad.write_bytes(b"")
+    elif damage == "huge_header":
+        bad, expect = rain, "64x64 pixels is over the limit of 2000"
+        _png(rain, h=64, w=64, seed=4)
+        _png(tmp_path / "Train" / "Derain" / "gt" / "norain-2.png", h=64, w=64, seed=5)
+        monkeypatch.setenv("TUR_MAX_IMAGE_PIXELS", "2000")  # the others are 48x40
+    elif damage == "pair_sizes":
+        bad, expect = rain, "48x40 while its ground truth .*norain-2.png.* is 50x40"
+        _png(tmp_path / "Train" / "Derain" / "gt" / "norain-2.png", h=40, w=50, seed=5)
+    else:  # a JPEG that is only its first bytes: no frame header, no decoder signature problem
+        bad, expect = haze, "0001_0.8_0.2.jpg.*truncated JPEG"
+        bad.write_bytes(bad.read_bytes()[:3])
+    with pytest.raises(ImageReadError, match=expect) as ei:
+        build_train_dataset(cfg, TASKS3)
+    assert os.path.basename(str(bad)) in str(ei.value) and "skip_bad_images" in str(ei.value)
+    if damage != "huge_header":  # skipping decodes everything and drops the pair
+        ds = build_train_dataset(dict(cfg, skip_bad_images=True), TASKS3)
+        assert ds.num_bad_images >= 1 and len(ds) < 3 * 3 + 2 + 2
+
+
+def test_intact_training_files_pass_the_header_check(tmp_path):
+    from tur_ext.data.io import header_problem
+
+    make_promptir_tree(tmp_path)
+    for p in sorted(tmp_path.rglob("*.*")):
+        reason, dims = header_problem(p)
+        assert reason is None and dims == (cv2.imread(str(p)).shape[1], cv2.imread(str(p)).shape[0]), p
+    assert header_problem(tmp_path / "nope.png") == ("no such file", None)
 
 
 def test_missing_ground_truth_named_or_skipped(tmp_path):

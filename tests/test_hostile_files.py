@@ -93,14 +93,16 @@ def test_stale_temps_removed_and_resume_falls_back(tmp_path):
     from tur_ext.train.checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path, keep_last=0)
-    first = mgr.save(1, {"params": {"w": torch.randn(256)}})
+    weights = torch.randn(256)
+    first = mgr.save(1, {"params": {"w": weights}})
     newest = mgr.save(2, {"params": {"w": torch.randn(256)}})
     newest.write_bytes(newest.read_bytes()[:100])  # truncated by a crash or a full disk
     dead = tmp_path / ".step_00000003.pt.tmp.999999999"
     dead.write_bytes(b"partial")
     assert mgr.remove_stale_temps() == [dead] and not dead.exists()
     said = []
-    assert mgr.latest_loadable(log=said.append) == first
+    path, ckpt = mgr.latest_loadable(log=said.append)
+    assert path == first and ckpt["step"] == 1 and torch.equal(ckpt["params"]["w"], weights)
     assert len(said) == 1 and "step_00000002.pt" in said[0]
 
 

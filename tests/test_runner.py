@@ -48,9 +48,11 @@ def inputs(tmp_path_factory):
     rgb = photo_crop(45, 61)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
     wide = bgr.astype(np.uint16) * 257 + np.arange(bgr.size, dtype=np.uint16).reshape(bgr.shape) % 251
-    bgra = np.concatenate([bgr, np.full((45, 61, 1), 200, np.uint8)], axis=2)
+    ramp = np.arange(45 * 61).reshape(45, 61, 1)
+    bgra = np.concatenate([bgr, (ramp % 256).astype(np.uint8)], axis=2)  # an alpha that varies, 0 and 255 included
+    bgra16 = np.concatenate([wide, (ramp * 23 % 65536).astype(np.uint16)], axis=2)
     files = {"rgb8.png": bgr, "rgb16.png": wide, "gray.png": bgr[:, :, 1], "gray16.tif": wide[:, :, 0],
-             "photo.jpg": bgr, "rgb8.tif": bgr, "alpha.png": bgra}
+             "photo.jpg": bgr, "rgb8.tif": bgr, "alpha.png": bgra, "alpha16.png": bgra16}
     for name, pixels in files.items():
         assert cv2.imwrite(str(folder / name), pixels)
     return {name: folder / name for name in files}
@@ -94,16 +96,16 @@ def test_runner_matches_tur_restore(artifacts, inputs, tmp_path, fmt, tiling):
     assert np.abs(expected.astype(int) - cv2.imread(str(image)).astype(int)).mean() > 2
 
 
-@pytest.mark.parametrize("name", ["rgb16.png", "gray.png", "gray16.tif", "photo.jpg", "rgb8.tif", "alpha.png"])
+@pytest.mark.parametrize("name", ["rgb16.png", "gray.png", "gray16.tif", "photo.jpg", "rgb8.tif", "alpha.png",
+                                  "alpha16.png"])
 def test_runner_reads_formats_like_tur_restore(artifacts, inputs, tmp_path, name):
     image = inputs[name]
     expected = _python_restore(artifacts.torchscript.path, image, tmp_path / "py", (32, 8))
     got = _runner_restore(artifacts.torchscript.path, image, tmp_path / f"runner{image.suffix}", (32, 8))
-    assert got.ndim == 3 and got.shape[2] == 3  # gray promoted to RGB, alpha dropped
-    if name == "alpha.png":
-        # tur restore carries the input's alpha over; the runner still drops it (issue 13): compare the colour.
-        assert expected.shape[2] == 4
-        expected = np.ascontiguousarray(expected[:, :, :3])
+    # gray promoted to RGB; the input's alpha carried over unchanged by both tools
+    assert got.ndim == 3 and got.shape[2] == (4 if name.startswith("alpha") else 3)
+    if name.startswith("alpha"):
+        assert np.array_equal(got[:, :, 3], cv2.imread(str(image), cv2.IMREAD_UNCHANGED)[:, :, 3])
     assert got.dtype == (np.uint16 if "16" in name else np.uint8)
     if name.endswith(".jpg"):
         # Both sides write JPEG with OpenCV's default quality (95), but with different libjpeg builds (the wheel's
@@ -113,6 +115,38 @@ def test_runner_reads_formats_like_tur_restore(artifacts, inputs, tmp_path, name
         assert diff.max() <= 4 and np.percentile(diff, 99) <= 1, (diff.max(), np.percentile(diff, 99))
     else:
         _assert_within_one(got, expected, name)
+
+
+@pytest.mark.parametrize("case", ["8-bit into tif", "16-bit into webp", "float into png", "8-bit into jpg"])
+def test_runner_alpha_at_other_depths_and_formats(artifacts, inputs, tmp_path, case):
+    """The alpha at the output's depth (8 <-> 16 bit by 257, float as round(clip(a) * 255)), as tur restore does
+    it; a format without alpha is said once."""
+    src = cv2.imread(str(inputs["alpha16.png" if case.startswith("16") else "alpha.png"]), cv2.IMREAD_UNCHANGED)
+    if case.startswith("float"):
+        src = (src.astype(np.float32) / 255.0) * np.float32(1.2) - np.float32(0.1)  # outside [0, 1] too
+        image = tmp_path / "alphaf.tif"
+    else:
+        image = tmp_path / f"alpha{src.dtype.itemsize * 8}.png"
+    assert cv2.imwrite(str(image), src)
+    out = tmp_path / ("out" + {"tif": ".tif", "webp": ".webp", "png": ".png", "jpg": ".jpg"}[case.split()[-1]])
+    proc = run_runner("--model", artifacts.torchscript.path, "--input", image, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    got = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    if out.suffix == ".jpg":
+        assert got.shape[2] == 3 and proc.stderr.count("has an alpha channel") == 1
+        assert ".jpg files cannot hold; written without it" in proc.stderr
+        return
+    assert got.shape[2] == 4 and got.dtype == np.uint8
+    a = src[:, :, 3].astype(np.float64)
+    want = {np.dtype(np.uint8): a, np.dtype(np.uint16): np.round(a / 257.0),
+            np.dtype(np.float32): np.round(np.clip(a, 0.0, 1.0) * 255.0)}[src.dtype]
+    assert np.array_equal(got[:, :, 3], want.astype(np.uint8)) and want.std() > 10
+    # the colour is the one written without alpha
+    plain = run_runner("--model", artifacts.torchscript.path, "--input", image, "--output", tmp_path / "plain.png")
+    assert plain.returncode == 0, plain.stderr
+    colour = cv2.imread(str(tmp_path / "plain.png"), cv2.IMREAD_UNCHANGED)
+    if out.suffix != ".webp":  # webp is lossy for the colour
+        assert np.array_equal(got[:, :, :3], colour[:, :, :3] if colour.shape[2] == 4 else colour)
 
 
 def _assert_error(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> None:

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+import traceback
 from typing import Callable, Mapping, Optional, Sequence
 
-__all__ = ["OS_ERROR_EXIT", "Parser", "UsageError", "describe_os_error", "run_command"]
+__all__ = ["DEBUG_FLAG", "OS_ERROR_EXIT", "Parser", "UsageError", "describe_os_error", "run_command"]
 
 
 #: Exit status for operating-system errors (disk full, read-only or forbidden folders).
 OS_ERROR_EXIT = 3
+
+#: Anywhere on a command line (or ``TUR_DEBUG=1`` in the environment): errors also print their Python traceback.
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = (f"{DEBUG_FLAG} anywhere on the line (or TUR_DEBUG=1) prints the Python traceback of an error; "
+              f"exit status: 0 ok, 1 failure, 2 usage or config error, {OS_ERROR_EXIT} disk or permission error, "
+              f"130 interrupted")
 
 
 def describe_os_error(e: OSError) -> str:
@@ -42,26 +50,40 @@ def run_command(parser: argparse.ArgumentParser, commands: Mapping[str, Callable
                 argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run its subcommand (``commands[args.command]``, else the ``func`` its subparser set).
     Returns the exit status: the command's, 2 for usage and config errors, 1 for a failure reported in one line,
-    3 for operating-system errors (disk full, read-only folder), 130 when interrupted."""
+    3 for operating-system errors (disk full, read-only folder), 130 when interrupted. Every error is one line;
+    ``--debug`` (anywhere in ``argv``) or ``TUR_DEBUG=1`` adds the traceback."""
     from .train.config import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A flag that may follow the subcommand or its options, so it is taken out before argparse sees the line.
+    debug = DEBUG_FLAG in argv or os.environ.get("TUR_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if not parser.epilog:
+        parser.epilog = DEBUG_HELP
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
+    name = f"tur {args.command}"
+
+    def fail(message: str, status: int) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"{name}: {message}", file=sys.stderr)
+        return status
+
     try:
         command = commands.get(args.command) or args.func
         return command(args)
     except ConfigError as e:
-        print(f"tur {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"config error: {e}", 2)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        print(f"tur {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return fail(f"error: {e}", 1)
     except OSError as e:  # a full disk, a read-only or forbidden folder: the path and the reason, one line
-        print(f"tur {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
-        return OS_ERROR_EXIT
+        return fail(f"error: {describe_os_error(e)}", OS_ERROR_EXIT)
     except KeyboardInterrupt:
-        print(f"tur {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return fail("interrupted", 130)
+    except Exception as e:  # a bug of ours or an unexpected library error: still one line, with the way to see more
+        hint = "" if debug else f" (rerun with {DEBUG_FLAG} for the traceback)"
+        return fail(f"unexpected error: {type(e).__name__}: {e}{hint}", 1)

@@ -332,9 +332,12 @@ ALPHA_FORMATS = (".png", ".tif", ".tiff", ".webp")
 
 
 def _with_alpha(pixels: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """The restored BGR samples plus the input's alpha, rescaled to the output's sample depth."""
+    """The restored BGR samples plus the input's alpha, rescaled to the output's sample depth (8 <-> 16 bit by 257,
+    float alpha as the colour: ``round(clip(a, 0, 1) * max)``); the C++ runner does the same."""
     alpha = raw[:, :, -1]
-    if alpha.dtype != pixels.dtype:
+    if alpha.dtype.kind == "f":
+        alpha = to_file_pixels(alpha, 16 if pixels.dtype == np.uint16 else 8)
+    elif alpha.dtype != pixels.dtype:
         alpha = (alpha.astype(np.uint32) * 257).astype(np.uint16) if pixels.dtype == np.uint16 else \
             np.round(alpha.astype(np.float64) / 257.0).astype(np.uint8)
     return np.dstack([pixels, alpha])

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..tasks import KNOWN_TASKS, TaskSet
 from .degradations import DEGRADATIONS, SPATIAL_MARGIN, degrade
-from .io import ImageReadError, is_image_file, read_image
+from .io import ImageReadError, header_problem, is_image_file, read_image
 from .transforms import center_crop, crop_to_multiple, paired_random_crop, random_dihedral, to_tensor
 
 log = logging.getLogger("tur_ext.data")
@@ -308,6 +308,22 @@ def _verify_readable(paths: Sequence[str], min_side: int = 1, why: str = "") -> 
         return dict(r for r in ex.map(check, uniq) if r is not None)
 
 
+def _check_headers(records: Sequence[tuple[str, Optional[str], str]]) -> dict[str, str]:
+    """Header checks of every file (:func:`~tur_ext.data.io.header_problem`; no decoding) and of paired sizes where
+    both headers give them; returns {bad path: reason}."""
+    uniq = list(dict.fromkeys(p for _, lq, gt in records for p in (lq, gt) if p is not None))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        found = dict(zip(uniq, ex.map(header_problem, uniq)))
+    bad = {p: reason for p, (reason, _) in found.items() if reason is not None}
+    for _, lq, gt in records:
+        if lq is None or lq in bad or gt in bad:
+            continue
+        a, b = found[lq][1], found[gt][1]
+        if a is not None and b is not None and a != b:
+            bad[lq] = f"{a[0]}x{a[1]} while its ground truth {gt!r} is {b[0]}x{b[1]}"
+    return bad
+
+
 class _FolderDataset(RestorationDataset):
     """Items are (task, lq path or None, gt path); lq None means "synthesise lq from gt" (noise on the fly)."""
 
@@ -335,9 +351,14 @@ class _FolderDataset(RestorationDataset):
 
     def _finalize(self) -> None:
         """Drop records with unreadable files when skipping (decoding each file once), then index tasks."""
-        if (self.skip_bad_images or self.verify_up_front) and self.records:
-            paths = [p for _, lq, gt in self.records for p in (lq, gt) if p is not None]
-            bad = _verify_readable(paths, *self._min_side())
+        if self.records:
+            # Every split's headers are read (cheap: no decoding), so a truncated or foreign training file or a
+            # pair of different sizes is named before the first step, not when first drawn hours later; eval
+            # splits, and any split with skip_bad_images, are also decoded in full.
+            bad = _check_headers(self.records)
+            if self.skip_bad_images or self.verify_up_front:
+                paths = [p for _, lq, gt in self.records for p in (lq, gt) if p is not None and p not in bad]
+                bad.update(_verify_readable(paths, *self._min_side()))
             if bad and not self.skip_bad_images:
                 p, reason = next(iter(bad.items()))
                 more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

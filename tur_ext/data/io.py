@@ -113,6 +113,44 @@ def _check_pixel_limit(buf: np.ndarray, path: PathLike) -> None:
                                        f"raise it)")
 
 
+#: Bytes read from the start of a file for a header check: room for a JPEG's EXIF/ICC segments before its frame.
+_HEAD_BYTES = 256 * 1024
+
+
+def header_problem(path: PathLike) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """A cheap check without decoding (for training splits of thousands of files): (reason the file is unusable or
+    None, (width, height) when the header gives it). Reads the first 256 KiB and the last 12 bytes: a missing or
+    empty file, a format OpenCV has no reader for, zero or too many pixels in a PNG/JPEG header, a PNG cut short
+    (no IEND chunk at its end, as a crashed copy leaves it), a JPEG without a frame header."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - 12))
+            tail = f.read(12)
+    except FileNotFoundError:
+        return "no such file", None
+    except OSError as e:
+        return e.strerror or str(e), None
+    if not head:
+        return "empty file", None
+    if not cv2.haveImageReader(str(p)):
+        return "not an image format OpenCV reads (by its signature)", None
+    dims = _header_size(np.frombuffer(head, dtype=np.uint8))
+    if dims is not None:
+        w, h = dims
+        if w < 1 or h < 1:
+            return f"its header says {w}x{h} pixels", dims
+        if w * h > max_image_pixels():
+            return f"{w}x{h} pixels is over the limit of {max_image_pixels()} (set TUR_MAX_IMAGE_PIXELS to raise it)", dims
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and tail[4:8] != b"IEND":
+        return "truncated PNG (no IEND chunk at the end)", dims
+    if head[:2] == b"\xff\xd8" and dims is None and size <= len(head):  # the whole file read: no frame in it
+        return "truncated JPEG (no frame header)", None
+    return None, dims
+
+
 def to_float_rgb(img: np.ndarray, path: PathLike) -> np.ndarray:
     """Samples of :func:`read_file_pixels` -> float32 RGB (H, W, 3) in [0, 1] (``path`` only names errors)."""
     if img.dtype == np.uint8:

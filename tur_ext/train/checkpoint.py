@@ -19,7 +19,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -145,12 +145,13 @@ class CheckpointManager:
             removed.append(p)
         return removed
 
-    def latest_loadable(self, log=print) -> Optional[Path]:
-        """The newest checkpoint that loads, saying which newer (damaged/truncated) ones were skipped."""
+    def latest_loadable(self, log=print, map_location: Union[str, torch.device, None] = "cpu"
+                        ) -> Optional[Tuple[Path, dict]]:
+        """The newest checkpoint that loads and its contents (read once), saying which newer (damaged/truncated)
+        ones were skipped."""
         for _, p in reversed(self.list()):
             try:
-                load_checkpoint(p)
-                return p
+                return p, load_checkpoint(p, map_location=map_location)
             except ValueError as exc:
                 log(f"[tur] skipping checkpoint {p}: {exc}")
         return None

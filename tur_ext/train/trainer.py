@@ -293,12 +293,14 @@ class Trainer:
                 for p in self.ckpts.remove_stale_temps():
                     print(f"[tur] removed {p.name}, left by a write that was killed", flush=True)
             # A damaged newest checkpoint (a crash mid-copy, a full disk) falls back to the one before it.
-            path = self.ckpts.latest_loadable(log=lambda m: print(m, flush=True))
-            if path is None:
+            found = self.ckpts.latest_loadable(log=lambda m: print(m, flush=True), map_location=self.device)
+            if found is None:
                 return None
+            path, ckpt = found
         else:
             path = find_checkpoint(what)
-        self.load_state(load_checkpoint(path, map_location=self.device))
+            ckpt = load_checkpoint(path, map_location=self.device)
+        self.load_state(ckpt)
         return path
 
     def save_checkpoint(self) -> Optional[Path]:
