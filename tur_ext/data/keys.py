@@ -28,8 +28,9 @@ DATA_KEYS: Dict[str, DataKey] = {
     "seed": DataKey("int", "the run's seed", "seeds crops, augmentation, degradations and the eval set"),
     "patch_size": DataKey("int", "128", "training crop (smaller images are reflect-padded)"),
     "augment": DataKey("bool", "true", "random flips and 90-degree rotations of training patches"),
-    "skip_bad_images": DataKey("bool", "false", "false: an unreadable image is an error naming it; true: every "
-                                                "image is decoded once when the dataset is built and the bad ones "
+    "skip_bad_images": DataKey("bool", "false", "false: an unreadable image is an error naming it (eval splits "
+                                                "are decoded and training splits' headers read before the first "
+                                                "step); true: every image is decoded once when the dataset is built and the bad ones "
                                                 "are dropped, named in a warning and counted in the log"),
     "length": DataKey("int", "1000", "`embedded`: training items per epoch"),
     "eval_crop": DataKey("int or null", "128 (embedded), null", "eval crop size (folder types: a centre crop, "
