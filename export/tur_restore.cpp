@@ -203,6 +203,8 @@ Image read_image(const std::string& path) {
     SilenceStderr quiet;
     img = cv::imread(path, cv::IMREAD_UNCHANGED);
   } catch (const cv::Exception& e) {
+    if (e.code == cv::Error::StsNoMem)
+      fail(kInputError, "--input " + in_quotes(path) + ": not enough memory to decode it");
     fail(kInputError, "--input " + in_quotes(path) + ": cannot read image: " + first_line(e.what()));
   }
   if (img.empty()) fail(kInputError, "--input " + in_quotes(path) + ": not a readable image (PNG, JPEG, TIFF, ...)");
@@ -729,9 +731,28 @@ int run(int argc, char** argv) {
   Model model(opt.model, meta, device, dtype);
   const double load_ms = ms_since(t0);
 
+  // A decompression bomb under the pixel limit, or a big image restored whole: an allocation fails somewhere in
+  // the conversion or the model. Say which image and what to do rather than the allocator's words.
+  auto out_of_memory = [&]() {
+    fail(kFailed, "--input " + in_quotes(opt.input) + ": not enough memory to restore its " +
+                      std::to_string(width) + "x" + std::to_string(height) + " pixels" +
+                      (tiling ? "; use a smaller --tile" : " whole; use --tile 512 (memory then grows with the tile)"));
+  };
+  auto is_allocation_failure = [](const std::string& what) {
+    return what.find("can't allocate memory") != std::string::npos ||
+           what.find("out of memory") != std::string::npos || what.find("Insufficient memory") != std::string::npos;
+  };
+
   // Whole image: the float image, converted once. Tiled: the decoded samples only (restore_tiled).
   torch::Tensor rgb;
-  if (!tiling) rgb = samples_to_rgb(image.samples);
+  try {
+    if (!tiling) rgb = samples_to_rgb(image.samples);
+  } catch (const std::bad_alloc&) {
+    out_of_memory();
+  } catch (const c10::Error& e) {
+    if (is_allocation_failure(e.what_without_backtrace())) out_of_memory();
+    throw;
+  }
   auto restore_once = [&]() -> cv::Mat {
     if (tiling)
       return restore_tiled(model, image.samples, device, tiling->first, tiling->second, sixteen, opt.model,
@@ -759,8 +780,14 @@ int run(int argc, char** argv) {
                    load_ms, first_ms, times[times.size() / 2], times.front(), static_cast<long long>(times.size()),
                    peak_rss_mib());
     }
+  } catch (const std::bad_alloc&) {
+    out_of_memory();
   } catch (const c10::Error& e) {
+    if (is_allocation_failure(e.what_without_backtrace())) out_of_memory();
     fail(kFailed, "inference failed: " + first_line(e.what_without_backtrace()));
+  } catch (const cv::Exception& e) {
+    if (e.code == cv::Error::StsNoMem) out_of_memory();
+    throw;
   }
   const int in_channels = image.samples.channels();
   if (in_channels == 2 || in_channels == 4) {

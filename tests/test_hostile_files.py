@@ -1,4 +1,5 @@
 """Hostile files: bit-rotted artifacts and checkpoints are refused with a message naming the file."""
+import os
 import zipfile
 
 import pytest
@@ -360,3 +361,39 @@ def test_restore_keeps_alpha_and_keep_going_reports_bad_images(tmp_path_factory,
         assert np.array_equal(cv2.imread(str(out / "a.png"))[:, :, ::-1],
                               (read_image(out / "a.png") * 255).round().astype(np.uint8))
         assert (out / "b.jpg").is_file()
+
+
+def test_decompression_bomb_under_a_memory_limit_is_one_line(tmp_path):
+    """A 16000 x 16000 PNG of 1.4 MB (under the pixel limit; 768 MB decoded, 3 GB as float) run by both tools
+    with 2.5 GB of address space: 'not enough memory' naming the file, never a crash or an allocator's message."""
+    import resource
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+
+    from export_helpers import REPO_ROOT, require_runner, tiny_model
+
+    from tur_ext.export import export_torchscript
+
+    bomb = tmp_path / "bomb.png"
+    assert cv2.imwrite(str(bomb), np.zeros((16000, 16000, 3), np.uint8))
+    assert bomb.stat().st_size < 4 << 20
+    model = export_torchscript(tiny_model(), tmp_path / "tiny.pt", tasks=["denoise_25"]).path
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (2500 << 20, 2500 << 20))
+
+    commands = {"tur restore": [sys.executable, "-m", "tur_ext", "restore", "--model", str(model), str(bomb),
+                                "--out", str(tmp_path / "out")],
+                "runner": [str(require_runner()), "--model", str(model), "--input", str(bomb),
+                           "--output", str(tmp_path / "out.png")]}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name, cmd in commands.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited, env=env, cwd=REPO_ROOT,
+                              timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode in (1, 4) and len(lines) == 1, (name, proc.returncode, proc.stderr[-2000:])
+        assert "bomb.png" in lines[0] and "not enough memory" in lines[0], (name, lines[0])
+    assert not (tmp_path / "out" / "bomb.png").exists() and not (tmp_path / "out.png").exists()

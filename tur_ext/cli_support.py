@@ -78,7 +78,7 @@ def run_command(parser: argparse.ArgumentParser, commands: Mapping[str, Callable
         return command(args)
     except ConfigError as e:
         return fail(f"config error: {e}", 2)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError, MemoryError) as e:
         return fail(f"error: {e}", 1)
     except OSError as e:  # a full disk, a read-only or forbidden folder: the path and the reason, one line
         return fail(f"error: {describe_os_error(e)}", OS_ERROR_EXIT)

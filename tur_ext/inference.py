@@ -327,6 +327,11 @@ def to_file_pixels(image: np.ndarray, depth: int) -> np.ndarray:
     return out.astype(np.uint8 if depth == 8 else np.uint16)
 
 
+def _is_allocation_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 #: Output formats that keep an alpha channel (the input's is carried over unchanged).
 ALPHA_FORMATS = (".png", ".tif", ".tiff", ".webp")
 
@@ -391,13 +396,21 @@ def restore_files(model: Union[PathLike, Restorer], images: Sequence[PathLike], 
             log(f"[tur] skipped {src}: {exc.reason}")
             failed.append(str(src))
             continue
-        if tile is not None:  # bounded memory: uint samples in and out, one band of tiles in float
-            pixels = restorer.restore_file_pixels(raw, depth, tile=tile, overlap=overlap, source=src)
-        else:
-            restored = restorer.restore_image(to_float_rgb(raw, src))
-            if not np.isfinite(restored).all():
-                raise restorer.non_finite_error(src)
-            pixels = np.ascontiguousarray(to_file_pixels(restored, depth)[:, :, ::-1])
+        try:
+            if tile is not None:  # bounded memory: uint samples in and out, one band of tiles in float
+                pixels = restorer.restore_file_pixels(raw, depth, tile=tile, overlap=overlap, source=src)
+            else:
+                restored = restorer.restore_image(to_float_rgb(raw, src))
+                if not np.isfinite(restored).all():
+                    raise restorer.non_finite_error(src)
+                pixels = np.ascontiguousarray(to_file_pixels(restored, depth)[:, :, ::-1])
+        except (MemoryError, RuntimeError) as exc:  # numpy's MemoryError; torch's allocators raise RuntimeError
+            if not isinstance(exc, MemoryError) and not _is_allocation_failure(exc):
+                raise
+            h, w = raw.shape[:2]
+            hint = "; use a smaller --tile" if tile is not None else " whole; use --tile 512 (memory then grows " \
+                                                                      "with the tile, not the image)"
+            raise MemoryError(f"{src}: not enough memory to restore its {w}x{h} pixels{hint}") from None
         if raw.ndim == 3 and raw.shape[2] in (2, 4):  # gray + alpha, BGR + alpha
             if dst.suffix.lower() in ALPHA_FORMATS:
                 pixels = _with_alpha(pixels, raw)

@@ -69,6 +69,10 @@ def read_file_pixels(path: PathLike) -> np.ndarray:
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # e.g. OpenCV's own CV_IO_MAX_IMAGE_PIXELS check: name the file, keep it one line
+        if e.code == cv2.Error.StsNoMem:  # a decompression bomb under the pixel limit, or just too little memory
+            size = _header_size(buf)
+            what = f" ({size[0]}x{size[1]} pixels)" if size else ""
+            raise ImageReadError(path, f"not enough memory to decode it{what}") from None
         raise ImageReadError(path, " ".join(str(e).split())[-200:]) from None
     if img is None or img.size == 0:
         raise ImageReadError(path, "not a decodable image")
