@@ -373,8 +373,12 @@ class _FolderDataset(RestorationDataset):
 
     def _load(self, index: int) -> tuple[Optional[np.ndarray], np.ndarray, str]:
         task, lq_path, gt_path = self.records[index]
-        gt = read_image(gt_path)
-        lq = None if lq_path is None else read_image(lq_path)
+        try:
+            gt = read_image(gt_path)
+            lq = None if lq_path is None else read_image(lq_path)
+        except ImageReadError as e:  # damage past the header checks, found when first drawn
+            raise ImageReadError(e.path, f"{e.reason} (data.skip_bad_images: true decodes every image when the "
+                                         f"run starts and skips the bad ones)") from None
         if lq is not None and lq.shape != gt.shape:
             raise ValueError(f"paired images differ in size: {lq_path!r} is {lq.shape[1]}x{lq.shape[0]}, "
                              f"{gt_path!r} is {gt.shape[1]}x{gt.shape[0]}")

@@ -27,10 +27,12 @@ class ImageReadError(ValueError):
             # Rebuilt from its message alone: unpickling, or a DataLoader re-raising a worker's error (its message
             # wraps ours) - recover the path so callers can rely on the type and ``.path`` with any worker count.
             msg = str(path)
-            m = re.search(r"cannot read image '(.*?)': (.*)", msg, re.S)
-            self.path = m.group(1) if m else None
-            self.reason = m.group(2).strip() if m else msg
-            super().__init__(msg)
+            # The last match: a worker's message is "Caught ImageReadError in DataLoader worker ..." + its
+            # traceback, ending in our line; keep only that line, so that the error stays one line for the user.
+            found = list(re.finditer(r"cannot read image '(.*?)': ([^\n]*)", msg))
+            self.path = found[-1].group(1) if found else None
+            self.reason = found[-1].group(2).strip() if found else msg
+            super().__init__(f"cannot read image '{self.path}': {self.reason}" if found else msg)
             return
         self.path = str(path)
         self.reason = reason
