@@ -331,12 +331,7 @@ def test_runner_and_tur_restore_on_the_released_layout(released_export, tmp_path
         assert py.std() > 10
 
 
-_BATCH1_GUARD = ("torch.export of Uformer keeps a runtime guard that the batch is not 1 (B*nW/nW from the window "
-                 "attention, traced at batch 2): batch-1 calls of the exported program fail; open in issue 11")
-
-
 @slow_exports
-@pytest.mark.xfail(reason=_BATCH1_GUARD, strict=True)
 def test_dynamic_export_non_square_sizes():
     """torch.export with batch, H and W dynamic (multiples of 32 from export_min_size = 64 up) against eager."""
     net = prepare_for_export(small_model(uncertainty=True))
@@ -350,7 +345,6 @@ def test_dynamic_export_non_square_sizes():
 
 @slow_exports
 @needs_runner
-@pytest.mark.xfail(reason=_BATCH1_GUARD, strict=True)
 def test_aoti_export_restore_and_runner(tmp_path):
     result = export_aoti(small_model(uncertainty=True), tmp_path / "uformer.pt2")
     assert result.metadata["min_size"] == 64 and max(result.parity.values()) <= 1e-4

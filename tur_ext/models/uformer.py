@@ -71,17 +71,27 @@ def _to_tokens(x: Tensor) -> Tensor:
 
 
 def window_partition(x: Tensor, win: int) -> Tensor:
-    """(B, H, W, C) -> (B * H/win * W/win, win, win, C): non-overlapping windows, row-major over the grid."""
+    """(B, H, W, C) -> (B * H/win * W/win, win, win, C): non-overlapping windows, row-major over the grid.
+
+    Sizes are spelt out (no ``-1``) and the windows are cut with ``unfold``, so that under torch.export the window
+    sides stay the constant ``win`` and the window count stays ``B * (H // win) * (W // win)``: splitting H by a
+    reshape gives a side of ``H // (H // win)`` there, and a ``-1`` after it a batch that the tracer cannot tell from
+    1, which left a runtime guard that the batch is not 1 in exported programs."""
     b, h, w, c = x.shape
-    x = x.reshape(b, h // win, win, w // win, win, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, win, win, c)
+    nh, nw = h // win, w // win
+    # (B, nh, nw, C, win, win) -> (B, nh, nw, win, win, C): the same elements as reshape + permute, exactly.
+    x = x.unfold(1, win, win).unfold(2, win, win).permute(0, 1, 2, 4, 5, 3)
+    return x.reshape(b * nh * nw, win, win, c)
 
 
-def window_reverse(windows: Tensor, win: int, h: int, w: int) -> Tensor:
-    """Undo :func:`window_partition`: (B * h/win * w/win, win, win, C) -> (B, h, w, C)."""
+def window_reverse(windows: Tensor, win: int, h: int, w: int, b: Optional[int] = None) -> Tensor:
+    """Undo :func:`window_partition`: (B * h/win * w/win, win, win, C) -> (B, h, w, C). ``b``: the batch B, where the
+    caller knows it (torch.export keeps it the input's batch then), else from the window count."""
     c = windows.shape[-1]
-    x = windows.reshape(-1, h // win, w // win, win, win, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+    nh, nw = h // win, w // win
+    n = b if b is not None else windows.shape[0] // (nh * nw)
+    x = windows.reshape(n, nh, nw, win, win, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
 
 
 def shift_attention_mask(h: int, w: int, win: int, shift: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -98,7 +108,7 @@ def shift_attention_mask(h: int, w: int, win: int, shift: int, device: torch.dev
     band_h = (rows >= h - win).to(torch.int64) + (rows >= h - shift).to(torch.int64)
     band_w = (cols >= w - win).to(torch.int64) + (cols >= w - shift).to(torch.int64)
     region = (band_h[:, None] * 3 + band_w[None, :]).to(dtype)
-    windows = window_partition(region.reshape(1, h, w, 1), win).reshape(-1, win * win)
+    windows = window_partition(region.reshape(1, h, w, 1), win).reshape((h // win) * (w // win), win * win)
     differ = (windows[:, None, :] - windows[:, :, None]) != 0
     return torch.zeros(differ.shape, device=device, dtype=dtype).masked_fill(differ, -100.0)
 
@@ -135,8 +145,8 @@ class _WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """``x`` (B * nW, N, C) window tokens; ``mask`` (nW, N, N) additive, or None."""
+    def forward(self, x: Tensor, mask: Optional[Tensor], b: int) -> Tensor:
+        """``x`` (B * nW, N, C) window tokens of ``b`` = B images; ``mask`` (nW, N, N) additive, or None."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x)
         attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -146,7 +156,7 @@ class _WindowAttention(nn.Module):
         attn = attn + bias.reshape(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
-            attn = (attn.reshape(bw // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)) \
+            attn = (attn.reshape(b, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)) \
                 .reshape(bw, self.heads, n, n)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
@@ -200,10 +210,12 @@ class _LeWinBlock(nn.Module):
         if shift > 0:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
             mask = shift_attention_mask(h, w, win, shift, x.device, x.dtype)
-        windows = window_partition(y, win).reshape(-1, win * win, c)
+        # Sizes spelt out, from the batch b (see window_partition): no -1 for torch.export to infer.
+        bw = b * (h // win) * (w // win)
+        windows = window_partition(y, win).reshape(bw, win * win, c)
         if self.has_modulator:
             windows = windows + self.modulator.weight
-        y = window_reverse(self.attn(windows, mask).reshape(-1, win, win, c), win, h, w)
+        y = window_reverse(self.attn(windows, mask, b).reshape(bw, win, win, c), win, h, w, b)
         if shift > 0:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         x = x + self.drop_path(y.reshape(b, h * w, c))
@@ -342,7 +354,8 @@ class Uformer(Backbone):
         self.size_multiple = 2 ** _LEVELS * win_size
         self.min_size = self.size_multiple
         # At the smallest size the bottleneck is one window per image, and torch.export specialises its graph on
-        # that size-1 window count (a guard fails at B = 1): dynamic exports hold from two windows up.
+        # that size-1 window count (the program guards H // size_multiple != 1, W alike): dynamic exports hold from
+        # two windows up.
         self.export_min_size = 2 * self.size_multiple
         rate = float(drop_path_rate)
         enc = _drop_path_rates(rate, sum(depths[:_LEVELS]))
