@@ -46,8 +46,24 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path = tmp_path / "step_00000002.pt"
     save_checkpoint(path, {"step": 2, "params": {"w": torch.randn(4096)}})
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"step_00000002\.pt"):
+    with pytest.raises(ValueError, match=r"step_00000002\.pt' is truncated .*copy it again"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_truncated_export_is_named_truncated(tmp_path, cut):
+    from export_helpers import tiny_model
+
+    from tur_ext.export import artifact_kind, export_torchscript
+
+    art = export_torchscript(tiny_model(), tmp_path / "tiny.pt", tasks=["denoise_25"]).path
+    data = art.read_bytes()
+    art.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ValueError, match=r"model: '.*tiny\.pt' is truncated"):
+        artifact_kind(art)
+    art.write_bytes(b"not a zip at all")  # a foreign file is still "not a tur_ext model"
+    with pytest.raises(ValueError, match="is not a tur_ext model"):
+        artifact_kind(art)
 
 
 def test_tur_restore_refuses_bitflipped_export(tmp_path, capsys):

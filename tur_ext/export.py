@@ -400,6 +400,10 @@ def artifact_kind(path: PathLike) -> str:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
+        from .integrity import is_truncated_zip, truncated_error
+
+        if is_truncated_zip(p):
+            raise truncated_error(p, "model") from None
         raise ValueError(f"model: {str(p)!r} is not a tur_ext model (expected a TorchScript .pt, an AOTInductor "
                          f".pt2 or a training checkpoint): {exc}") from None
     # Every torch archive keeps its records under one top folder; compare the paths below it.

@@ -53,6 +53,22 @@ def verify_zip(path: PathLike, what: str = "file") -> None:
         raise CorruptFileError(f"{what}: {p!r} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
+def is_truncated_zip(path: PathLike) -> bool:
+    """Whether ``path`` starts as a zip archive (a local file header) but has no readable end (central directory):
+    what a copy or download cut short, or a full disk, leaves of a torch archive."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" and not zipfile.is_zipfile(os.fspath(path))
+
+
+def truncated_error(path: PathLike, what: str) -> CorruptFileError:
+    return CorruptFileError(f"{what}: {os.fspath(path)!r} is truncated (it starts as a zip archive but its end, the "
+                            f"zip central directory, is missing); re-export or copy it again")
+
+
 def _root(zf: zipfile.ZipFile) -> str:
     first = zf.infolist()[0].filename if zf.infolist() else ""
     return first.split("/", 1)[0] if "/" in first else ""

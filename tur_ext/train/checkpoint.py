@@ -89,10 +89,12 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
-    if zipfile.is_zipfile(path):  # torch.save's format; a CRC check catches bit rot torch.load would accept
-        from ..integrity import verify_zip
+    from ..integrity import is_truncated_zip, truncated_error, verify_zip
 
+    if zipfile.is_zipfile(path):  # torch.save's format; a CRC check catches bit rot torch.load would accept
         verify_zip(path, "checkpoint")
+    elif is_truncated_zip(path):
+        raise truncated_error(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
