@@ -324,9 +324,15 @@ def test_bad_eval_images_are_named_before_training_or_skipped(tmp_path):
         pairs.append((lq, gt))
     (tmp_path / "gt2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     tasks = TaskSet("3task")
-    with pytest.raises(ImageReadError, match=r"lq1\.png': 1x1 is smaller than 16 pixels \(data\.size_multiple=16\) "
+    # Header problems are found first (no decode), so the corrupt file is the one named; the 1x1 pair is counted.
+    with pytest.raises(ImageReadError, match=r"gt2\.png': truncated PNG \(no IEND chunk at the end\) "
                                              r"\(and 2 more\); checked before training: set data\.skip_bad_images"):
         PairedEvalDataset(pairs, "derain", tasks)
+    del pairs[2]
+    with pytest.raises(ImageReadError, match=r"lq1\.png': 1x1 is smaller than 16 pixels \(data\.size_multiple=16\) "
+                                             r"\(and 1 more\); checked before training: set data\.skip_bad_images"):
+        PairedEvalDataset(pairs, "derain", tasks)
+    pairs.append((tmp_path / "lq2.png", tmp_path / "gt2.png"))
     ds = PairedEvalDataset(pairs, "derain", tasks, skip_bad_images=True)
     assert len(ds) == 1 and ds.num_bad_images == 3 and ds[0]["gt"].shape[-2:] == (32, 48)
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .loss_common import TaskIds, TURLossOutput, as_task_ids, check_finite as _check_finite, validate
+from .loss_common import TaskIds, TURLossOutput
+from .reference import finish, task_maps
 
 __all__ = ["published_task_uncertainty_loss"]
 
@@ -38,42 +39,9 @@ def published_task_uncertainty_loss(
     """The released 3/5-task training loss (module docstring); arguments and result as
     :func:`tur_ext.task_uncertainty_loss`. ``per_task_weighted_l1`` holds the cumulative ``term_k`` and
     ``per_task_loss`` ``term_k + reg_k`` (the code's ``category_losses``); ``per_task_l1`` is each task's own L1."""
-    ids = as_task_ids(task_ids, pred.device)
-    compiling = torch.compiler.is_compiling()
-    validate(pred, target, uncertainty, ids, num_tasks, eps, reg_weight, check_id_range=not compiling)
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    B, C = pred.shape[:2]
-    Cu = uncertainty.shape[1]
-    P = pred[0, 0].numel()
-    p = pred.reshape(B, C, P).to(acc)
-    t = target.reshape(B, C, P).to(acc)
-    u = uncertainty.reshape(B, Cu, P).to(acc)
-
-    onehot = torch.nn.functional.one_hot(ids.to(device=pred.device, dtype=torch.long), num_tasks).to(acc)  # (B, K)
-    counts = onehot.sum(0)
-    present = counts > 0
-    n = counts.clamp(min=1)
-    err = (p - t).abs()
-    err_u = err.sum(1, keepdim=True) if Cu == 1 and C > 1 else err
-    E = torch.einsum("bk,bcp->kcp", onehot, err_u)
-    U = torch.einsum("bk,bcp->kcp", onehot, u) / n[:, None, None] + eps
-    U = torch.where(present[:, None, None], U, torch.ones_like(U))  # absent tasks: no 0/0, no log(0)
-    S = (E / U).sum((1, 2))                                          # weighted error sum of each task
+    m = task_maps(pred, target, uncertainty, task_ids, num_tasks, eps, reg_weight)
+    S = (m.E / m.U).sum((1, 2))                                      # weighted error sum of each task
     zero = torch.zeros_like(S)
-    cum_s = torch.cumsum(torch.where(present, S, zero), 0)          # the lists that are never cleared
-    cum_n = torch.cumsum(torch.where(present, counts, zero), 0)
-    term = cum_s / (cum_n.clamp(min=1) * C * P)
-    reg = reg_weight * torch.log(U.mean((1, 2)))
-    per_task_loss = torch.where(present, term + reg, zero)
-    loss = per_task_loss.sum() / present.sum()
-    out = TURLossOutput(
-        loss,
-        per_task_loss.detach(),
-        torch.where(present, E.sum((1, 2)) / (n * C * P), zero).detach(),
-        torch.where(present, term, zero).detach(),
-        torch.where(present, reg, zero).detach(),
-        counts.to(torch.long),
-    )
-    if check_finite and not compiling:
-        _check_finite(out)
-    return out
+    cum_s = torch.cumsum(torch.where(m.present, S, zero), 0)        # the lists that are never cleared
+    cum_n = torch.cumsum(torch.where(m.present, m.counts, zero), 0)
+    return finish(m, cum_s / (cum_n.clamp(min=1) * m.C * m.P), reg_weight, check_finite)

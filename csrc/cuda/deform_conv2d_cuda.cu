@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "cuda/deform_conv2d_cuda.h"
+#include "cuda/launch_error.cuh"
 
 namespace tur::cuda {
 namespace {
@@ -180,25 +181,21 @@ __global__ void __launch_bounds__(kThreads) offset_mask_grad_kernel(DcnLaunch a,
   }
 }
 
-const char* last_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 template <typename scalar_t, typename acc_t>
 const char* im2col_typed(const DcnLaunch& a, void* cols, cudaStream_t s) {
   const int64_t n = a.C * a.kh * a.kw * a.Ho * a.Wo;
   im2col_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, s>>>(a, static_cast<acc_t*>(cols));
-  return last_error();
+  return launch_error("im2col_kernel");
 }
 
 template <typename scalar_t, typename acc_t>
 const char* col2im_typed(const DcnLaunch& a, const void* grad_cols, void* grad_input, cudaStream_t s) {
   const int64_t n = a.C * a.kh * a.kw * a.Ho * a.Wo, HW = a.C * a.H * a.W;
   fill_zero_kernel<acc_t><<<blocks_for(HW), kThreads, 0, s>>>(static_cast<acc_t*>(grad_input), HW);
+  if (const char* err = launch_error("fill_zero_kernel")) return err;
   col2im_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, s>>>(a, static_cast<const acc_t*>(grad_cols),
                                                                     static_cast<acc_t*>(grad_input));
-  return last_error();
+  return launch_error("col2im_kernel");
 }
 
 template <typename scalar_t, typename acc_t>
@@ -207,7 +204,7 @@ const char* offset_mask_grad_typed(const DcnLaunch& a, const void* grad_cols, vo
   const int64_t n = a.offset_groups * a.kh * a.kw * a.Ho * a.Wo;
   offset_mask_grad_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, s>>>(
       a, static_cast<const acc_t*>(grad_cols), static_cast<scalar_t*>(grad_offset), static_cast<scalar_t*>(grad_mask));
-  return last_error();
+  return launch_error("offset_mask_grad_kernel");
 }
 
 }  // namespace

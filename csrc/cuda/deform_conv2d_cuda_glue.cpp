@@ -11,31 +11,17 @@
 #include <torch/library.h>
 
 #include "cuda/deform_conv2d_cuda.h"
+#include "cuda/glue_common.h"
 #include "deform_conv2d.h"
 
 namespace tur {
 namespace {
 
-cuda::DType launch_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "input: unsupported dtype ", t);
-  }
-}
-
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 cuda::DcnLaunch make_launch(const DcnShape& s, at::ScalarType dtype) {
   cuda::DcnLaunch a;
-  a.dtype = launch_dtype(dtype);
+  a.dtype = cuda::launch_dtype(dtype, "input");
   a.C = s.C;
   a.H = s.H;
   a.W = s.W;
@@ -60,9 +46,7 @@ void point_at_image(cuda::DcnLaunch& a, const at::Tensor& input, const at::Tenso
   a.mask = mask.defined() ? mask[b].const_data_ptr() : nullptr;
 }
 
-void check_launch(const char* err, const char* what) {
-  TORCH_CHECK(err == nullptr, "tur.deform_conv2d: CUDA launch of ", what, " failed: ", err);
-}
+void check_launch(const char* err, const char* what) { cuda::check_launch(err, "tur.deform_conv2d", what); }
 
 at::Tensor deform_conv2d_cuda(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& weight_,
                               const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,

@@ -14,8 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 
+#include "cuda/launch_error.cuh"
 #include "cuda/tur_loss_cuda.h"
 #include "tur_loss_math.h"
 
@@ -239,16 +239,6 @@ __global__ void finalize_kernel(const int64_t* counts, Workspace w, int blocks, 
     // Ids outside [0, K) were left out of every task; report them as a NaN loss rather than a silent value.
     *loss = static_cast<out_t>(w.meta[0] == 0 ? total / static_cast<double>(present) : nan(""));
   }
-}
-
-// nullptr, or a static message naming the launch that failed (each launch is checked on its own, so an error
-// is reported by the launch that caused it).
-const char* launch_error(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return nullptr;
-  static thread_local char msg[160];
-  snprintf(msg, sizeof(msg), "%s: %s", kernel, cudaGetErrorString(err));
-  return msg;
 }
 
 template <typename scalar_t, typename acc_t, typename grad_t = scalar_t>

@@ -5,26 +5,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/glue_common.h"
 #include "cuda/tur_loss_cuda.h"
 #include "tur_loss.h"
 
 namespace tur {
 namespace {
-
-cuda::DType launch_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "pred: unsupported dtype ", t);
-  }
-}
 
 LossResult task_uncertainty_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
                                       const at::Tensor& uncertainty, const at::Tensor& task_ids, int64_t num_tasks,
@@ -34,7 +20,7 @@ LossResult task_uncertainty_loss_cuda(const at::Tensor& pred, const at::Tensor& 
   LossBuffers out = make_buffers(p, pred, uncertainty, compute_grad);
 
   cuda::LossLaunch a;
-  a.dtype = launch_dtype(p.pred.scalar_type());
+  a.dtype = cuda::launch_dtype(p.pred.scalar_type(), "pred");
   a.pred = p.pred.const_data_ptr();
   a.target = p.target.const_data_ptr();
   a.uncertainty = p.uncertainty.const_data_ptr();
@@ -58,7 +44,7 @@ LossResult task_uncertainty_loss_cuda(const at::Tensor& pred, const at::Tensor& 
       at::empty({static_cast<int64_t>(cuda::workspace_bytes(a))}, pred.options().dtype(at::kByte));
   a.workspace = workspace.mutable_data_ptr();
   const char* err = cuda::launch_loss(a, at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == nullptr, "tur.task_uncertainty_loss: CUDA launch failed: ", err);
+  cuda::check_launch(err, "tur.task_uncertainty_loss", "the loss kernels");
   return finish(out);
 }
 

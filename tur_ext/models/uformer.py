@@ -73,14 +73,13 @@ def _to_tokens(x: Tensor) -> Tensor:
 def window_partition(x: Tensor, win: int) -> Tensor:
     """(B, H, W, C) -> (B * H/win * W/win, win, win, C): non-overlapping windows, row-major over the grid.
 
-    Sizes are spelt out (no ``-1``) and the windows are cut with ``unfold``, so that under torch.export the window
-    sides stay the constant ``win`` and the window count stays ``B * (H // win) * (W // win)``: splitting H by a
-    reshape gives a side of ``H // (H // win)`` there, and a ``-1`` after it a batch that the tracer cannot tell from
-    1, which left a runtime guard that the batch is not 1 in exported programs."""
+    Sizes are spelt out (no ``-1``), so that under torch.export the window count stays ``B * (H // win) *
+    (W // win)``: a ``-1`` gives a batch that the tracer cannot tell from 1, which left a runtime guard that the
+    batch is not 1 in exported programs. A reshape, not ``unfold``: the ONNX exporter cannot size an unfold of a
+    dynamic input."""
     b, h, w, c = x.shape
     nh, nw = h // win, w // win
-    # (B, nh, nw, C, win, win) -> (B, nh, nw, win, win, C): the same elements as reshape + permute, exactly.
-    x = x.unfold(1, win, win).unfold(2, win, win).permute(0, 1, 2, 4, 5, 3)
+    x = x.reshape(b, nh, win, nw, win, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b * nh * nw, win, win, c)
 
 
