@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "cuda/deform_conv2d_cuda.h"
+#include "cuda/acc_cast.cuh"
 #include "cuda/launch_error.cuh"
 
 namespace tur::cuda {
@@ -27,22 +28,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535 * 8;  // grid-stride loops above this
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(double x) { return x; }
 
 __device__ __forceinline__ float floor_acc(float x) { return floorf(x); }
 __device__ __forceinline__ double floor_acc(double x) { return floor(x); }

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "cuda/acc_cast.cuh"
 #include "cuda/launch_error.cuh"
 #include "cuda/tur_loss_cuda.h"
 #include "tur_loss_math.h"
@@ -24,20 +25,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(double x) { return x; }
 
 // Sum over the block, valid in thread 0. Fixed tree: warp shuffles, then the first warp over warp sums.
 __device__ __forceinline__ double block_sum(double v, double* smem) {

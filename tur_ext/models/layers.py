@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DropPath"]
+__all__ = ["DropPath", "init_linear_and_norm"]
 
 
 class DropPath(nn.Module):
@@ -27,3 +27,15 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """The transformer releases' ``_init_weights`` for linear and LayerNorm layers (for ``Module.apply``): linear
+    weights truncated-normal with std 0.02 and zero bias, LayerNorm weight 1 and bias 0; other modules untouched."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from .detect import has_keys, shape
 from .head import Backbone
-from .layers import DropPath
+from .layers import DropPath, init_linear_and_norm
 from .value_range import check_value_range
 
 __all__ = ["TransWeather"]
@@ -80,14 +80,8 @@ def _drop_path_rates(rate: float, n: int) -> List[float]:
 
 def _init_transformer(m: nn.Module) -> None:
     # The authors' `_init_weights` of the encoder and decoder (the conv projection keeps PyTorch's defaults).
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    init_linear_and_norm(m)
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .detect import count, expansion_ratio, has_keys, shape, unless_default, window_from_table
 from .head import Backbone
-from .layers import DropPath
+from .layers import DropPath, init_linear_and_norm
 
 __all__ = ["Uformer"]
 
@@ -281,17 +281,6 @@ class _OutputProj(nn.Module):
         return self.proj(x)
 
 
-def _init_weights(m: nn.Module) -> None:
-    # The release's `_init_weights` (convolutions, the bias tables and the modulators keep their own init).
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -378,7 +367,8 @@ class Uformer(Backbone):
             setattr(self, f"upsample_{i}", _Upsample(dims[j - 1], dims[j] // 2))
             setattr(self, f"decoderlayer_{i}", layer(j, dec[dec_starts[i]:dec_starts[i + 1]], res[_LEVELS - 1 - i],
                                                      modulator))
-        self.apply(_init_weights)
+        # The release's `_init_weights` (convolutions, the bias tables and the modulators keep their own init).
+        self.apply(init_linear_and_norm)
 
     @classmethod
     def size_multiple_for(cls, config: Mapping[str, object]) -> int:
